@@ -1,0 +1,15 @@
+"""The Typer apps every command module attaches to. Kept import-light: no torch here."""
+
+import typer
+
+app = typer.Typer(
+    name="tspo",
+    help="Train LLM search agents with TSPO (turn-level stage-aware policy optimization).",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+data_app = typer.Typer(help="Build datasets: the bundled Wikipedia QA and the synthetic world.")
+index_app = typer.Typer(help="Build retrieval indexes (BM25 or dense).")
+app.add_typer(data_app, name="data", no_args_is_help=True)
+app.add_typer(index_app, name="index", no_args_is_help=True)

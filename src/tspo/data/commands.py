@@ -1,0 +1,1 @@
+"""CLI commands for this area (registered on tspo.cli_apps)."""

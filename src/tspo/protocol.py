@@ -1,0 +1,141 @@
+"""The search-agent protocol (DESIGN.md §2): prompt, tag parsing, observation formatting. No I/O.
+
+Every parser here is linear in the length of its input: it uses ``str.find``/``str.rfind`` only, so
+hostile text (unclosed or nested tags, megabytes of output) cannot blow up into quadratic work.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol
+
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+SEARCH_OPEN, SEARCH_CLOSE = "<search>", "</search>"
+ANSWER_OPEN, ANSWER_CLOSE = "<answer>", "</answer>"
+INFO_OPEN, INFO_CLOSE = "<information>", "</information>"
+PROTOCOL_TAGS = (
+    THINK_OPEN,
+    THINK_CLOSE,
+    SEARCH_OPEN,
+    SEARCH_CLOSE,
+    ANSWER_OPEN,
+    ANSWER_CLOSE,
+    INFO_OPEN,
+    INFO_CLOSE,
+)
+# A turn ends right after the first of these (DESIGN.md §2).
+STOP_STRINGS = (SEARCH_CLOSE, ANSWER_CLOSE)
+
+PROMPT_TEMPLATE = (
+    "Answer the question below. Think step by step inside <think> and </think>. "
+    "When you lack a fact, search for it by writing a query between <search> and </search>; "
+    "the results come back between <information> and </information>. "
+    "Search as often as you need. When you are sure, write only the final answer between "
+    "<answer> and </answer>, for example <answer> Paris </answer>.\n"
+    "Question: {question}\n"
+)
+
+INVALID_ACTION_MESSAGE = (
+    "\nThat was not a valid action. To search, put a query between <search> and </search>. "
+    "To finish, put the answer between <answer> and </answer>. Let me try again.\n"
+)
+
+ActionKind = Literal["search", "answer", "invalid"]
+
+
+@dataclass(frozen=True)
+class Action:
+    """The first action found in one generation."""
+
+    kind: ActionKind
+    content: str = ""
+
+
+class _Tokenizer(Protocol):
+    def encode(self, text: str, add_special_tokens: bool = ...) -> list[int]: ...
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = ...) -> str: ...
+
+
+def build_prompt(question: str, tokenizer: Any = None, *, use_chat_template: bool = False) -> str:
+    """The prompt for one question; through ``tokenizer``'s chat template for instruct models."""
+    text = PROMPT_TEMPLATE.format(question=question.strip())
+    if not use_chat_template:
+        return text
+    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+        raise ValueError("use_chat_template=True needs a tokenizer that has a chat template")
+    return tokenizer.apply_chat_template(
+        [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False
+    )
+
+
+def _tag_block(text: str, open_tag: str, close_tag: str, start: int = 0) -> tuple[int, str] | None:
+    """First complete ``open…close`` block at or after ``start``: (position of open, inner text).
+
+    With nested opening tags (``<search><search>q</search>``) the innermost opening tag before the
+    closing one wins, so the content is ``q``.
+    """
+    open_at = text.find(open_tag, start)
+    if open_at < 0:
+        return None
+    close_at = text.find(close_tag, open_at + len(open_tag))
+    if close_at < 0:
+        return None
+    inner_open = text.rfind(open_tag, open_at, close_at)
+    return open_at, text[inner_open + len(open_tag) : close_at].strip()
+
+
+def parse_action(generation: str) -> Action:
+    """The first action of one turn's generation: a search, an answer, or invalid.
+
+    The action whose complete ``<tag>…</tag>`` block opens first wins. A search with an empty query
+    is invalid.
+    """
+    blocks = [
+        (found[0], kind, found[1])
+        for kind, (open_tag, close_tag) in (
+            ("search", (SEARCH_OPEN, SEARCH_CLOSE)),
+            ("answer", (ANSWER_OPEN, ANSWER_CLOSE)),
+        )
+        if (found := _tag_block(generation, open_tag, close_tag)) is not None
+    ]
+    if not blocks:
+        return Action("invalid")
+    _, kind, content = min(blocks)
+    if kind == "search" and not content:
+        return Action("invalid")
+    return Action(kind, content)  # type: ignore[arg-type]
+
+
+def extract_last_answer(response: str) -> str | None:
+    """The text of the last complete ``<answer>…</answer>`` in ``response``, or None.
+
+    Call it on the model's response only, never on the prompt: the prompt carries an example answer.
+    """
+    close_at = response.rfind(ANSWER_CLOSE)
+    if close_at < 0:
+        return None
+    open_at = response.rfind(ANSWER_OPEN, 0, close_at)
+    if open_at < 0:
+        return None
+    return response[open_at + len(ANSWER_OPEN) : close_at].strip()
+
+
+def format_documents(docs: Sequence[tuple[str, str]]) -> str:
+    """``Doc i(Title: T) text`` lines for (title, text) pairs, numbered from 1."""
+    return "\n".join(f"Doc {i}(Title: {title}) {text}" for i, (title, text) in enumerate(docs, 1))
+
+
+def wrap_information(observation: str) -> str:
+    """The block the environment appends after a search (DESIGN.md §2)."""
+    return f"\n\n{INFO_OPEN}{observation.strip()}{INFO_CLOSE}\n\n"
+
+
+def truncate_to_tokens(text: str, tokenizer: _Tokenizer, max_tokens: int) -> str:
+    """``text`` cut to at most ``max_tokens`` tokens of ``tokenizer`` (unchanged when it fits)."""
+    if max_tokens <= 0:
+        return ""
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    if len(ids) <= max_tokens:
+        return text
+    return tokenizer.decode(ids[:max_tokens], skip_special_tokens=True)

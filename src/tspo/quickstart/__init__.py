@@ -1,0 +1,1 @@
+"""The quickstart pipeline: world, tiny policy, SFT, RL, report; and `tspo compare`."""

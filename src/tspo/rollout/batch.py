@@ -1,0 +1,91 @@
+"""`RolloutBatch`: what a rollout hands to rewards, advantages and the loss (DESIGN.md §4)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, replace
+
+import torch
+
+
+@dataclass
+class Trajectory:
+    """The text-side record of one multi-turn rollout."""
+
+    example_id: str
+    question: str
+    golds: list[str]
+    data_source: str
+    group_id: int
+    generated: list[str] = field(default_factory=list)  # the model's text, one entry per turn
+    queries: list[str | None] = field(default_factory=list)  # the search query of each turn
+    observations: list[str | None] = field(default_factory=list)  # None when turn k did not search
+    response_text: str = ""  # everything after the prompt: generations, <information>, messages
+    final_answer: str | None = None
+    outcome: float = 0.0  # EM of the last <answer> in the response
+    f1: float = 0.0
+    first_hit_turn: int = -1  # k*, or -1
+
+    @property
+    def num_turns(self) -> int:
+        return len(self.generated)
+
+    @property
+    def num_searches(self) -> int:
+        return sum(o is not None for o in self.observations)
+
+
+@dataclass
+class RolloutBatch:
+    """B rollouts as tensors. Prompts are left-padded, responses right-padded.
+
+    Shapes: ``prompt_ids``/``prompt_mask`` (B, P); every ``response_*`` tensor, ``loss_mask``,
+    ``turn_ids`` and ``old_logprobs`` (B, T); ``outcome``/``first_hit_turn``/``group_ids`` (B,).
+    """
+
+    prompt_ids: torch.Tensor  # (B, P) long
+    prompt_mask: torch.Tensor  # (B, P) long, 1 = real token
+    response_ids: torch.Tensor  # (B, T) long: generated + observation/message tokens, contiguous
+    response_mask: torch.Tensor  # (B, T) long, 1 = real (non-pad) token
+    loss_mask: torch.Tensor  # (B, T) float, 1 = token the model generated
+    turn_ids: torch.Tensor  # (B, T) long, turn index of loss tokens, -1 elsewhere
+    old_logprobs: torch.Tensor  # (B, T) float, log-prob under the sampling policy, 0 off the mask
+    outcome: torch.Tensor  # (B,) float
+    first_hit_turn: torch.Tensor  # (B,) long
+    group_ids: torch.Tensor  # (B,) long
+    trajectories: list[Trajectory] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return self.prompt_ids.shape[0]
+
+    @property
+    def input_ids(self) -> torch.Tensor:
+        """(B, P+T) prompt then response."""
+        return torch.cat([self.prompt_ids, self.response_ids], dim=1)
+
+    @property
+    def attention_mask(self) -> torch.Tensor:
+        """(B, P+T) 1 on real tokens."""
+        return torch.cat([self.prompt_mask, self.response_mask], dim=1)
+
+    def to(self, device: torch.device | str) -> RolloutBatch:
+        moved = {
+            f.name: getattr(self, f.name).to(device)
+            for f in fields(self)
+            if isinstance(getattr(self, f.name), torch.Tensor)
+        }
+        return replace(self, **moved)
+
+    def select(self, index: slice | torch.Tensor | list[int]) -> RolloutBatch:
+        """The rows at ``index`` (tensors and trajectories together)."""
+        if isinstance(index, slice):
+            rows = list(range(len(self)))[index]
+        else:
+            rows = [int(i) for i in index]
+        idx = torch.tensor(rows, dtype=torch.long)
+        picked = {
+            f.name: getattr(self, f.name).index_select(0, idx.to(getattr(self, f.name).device))
+            for f in fields(self)
+            if isinstance(getattr(self, f.name), torch.Tensor)
+        }
+        trajectories = [self.trajectories[i] for i in rows] if self.trajectories else []
+        return replace(self, **picked, trajectories=trajectories)
