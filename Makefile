@@ -35,7 +35,7 @@ test-core: setup
 	$(BIN)/pytest -q
 
 test-verl: $(VERL_STAMP)
-	$(VERL_VENV)/bin/python -m pytest -q -m verl tests/verl
+	TSPO_REQUIRE_VERL=1 $(VERL_VENV)/bin/python -m pytest -q -m verl tests/verl
 
 test: lint test-core test-verl
 
