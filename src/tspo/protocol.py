@@ -42,6 +42,7 @@ INVALID_ACTION_MESSAGE = (
 )
 
 ActionKind = Literal["search", "answer", "invalid"]
+_REPLACEMENT_CHAR = "\ufffd"
 
 
 @dataclass(frozen=True)
@@ -132,10 +133,15 @@ def wrap_information(observation: str) -> str:
 
 
 def truncate_to_tokens(text: str, tokenizer: _Tokenizer, max_tokens: int) -> str:
-    """``text`` cut to at most ``max_tokens`` tokens of ``tokenizer`` (unchanged when it fits)."""
+    """``text`` cut to at most ``max_tokens`` tokens of ``tokenizer`` (unchanged when it fits).
+
+    A byte-level tokenizer may split one character over several tokens; a cut inside it decodes to
+    U+FFFD, which is dropped unless ``text`` itself carries that character.
+    """
     if max_tokens <= 0:
         return ""
     ids = tokenizer.encode(text, add_special_tokens=False)
     if len(ids) <= max_tokens:
         return text
-    return tokenizer.decode(ids[:max_tokens], skip_special_tokens=True)
+    cut = tokenizer.decode(ids[:max_tokens], skip_special_tokens=True)
+    return cut if _REPLACEMENT_CHAR in text else cut.rstrip(_REPLACEMENT_CHAR)
