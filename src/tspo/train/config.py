@@ -1,0 +1,341 @@
+"""`TrainConfig`: every knob of a training run, typed, with defaults, from YAML plus CLI overrides.
+
+A config is a tree of sections (``model``, ``data``, ``retriever``, ``rollout``, ``algo``,
+``optim``, ``train``, ``checkpoint``, ``logging``). Load one with :func:`load_config`::
+
+    config = load_config("configs/smollm2-wiki.yaml", ["algo.estimator=grpo", "train.steps=2"])
+
+An override is ``section.field=value``; the value is read as YAML, so ``2`` is an int, ``true`` a
+bool and ``[a, b]`` a list. Every invalid value raises :class:`tspo.errors.TSPOError` naming the
+field, e.g. ``config field 'algo.clip_low': Input should be greater than 0``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from tspo.errors import TSPOError
+
+BUILTIN_ESTIMATORS = ("grpo", "folr_scalar", "tspo", "tspo_switch")
+
+
+class _Section(BaseModel):
+    """A config section: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class LoraConfig(_Section):
+    """Low-rank adapters (peft). With LoRA the KL reference is the base model, adapters disabled."""
+
+    enabled: bool = Field(False, description="Train LoRA adapters instead of every weight.")
+    r: int = Field(16, gt=0, description="Adapter rank.")
+    alpha: float = Field(32.0, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapter input.")
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
+        description="Names of the linear layers that get adapters.",
+    )
+
+
+class ModelConfig(_Section):
+    """The policy model."""
+
+    name: str = Field(
+        "smollm2-135m-instruct",
+        description="Hugging Face folder or hub id (offline cache), or the alias "
+        "'smollm2-135m-instruct' for the bundled SmolLM2 (converted once, then cached).",
+    )
+    tokenizer: str | None = Field(None, description="Tokenizer folder; defaults to the model's.")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32",
+        description="Weight dtype. Keep float32 for training; bf16 compute comes "
+        "from autocast (train.bf16).",
+    )
+    device: str = Field(
+        "auto", description="'auto' (CUDA when available), 'cpu', 'cuda' or 'cuda:N'."
+    )
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute activations in the backward pass to save memory."
+    )
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, value: str) -> str:
+        if value in ("auto", "cpu", "cuda") or (value.startswith("cuda:") and value[5:].isdigit()):
+            return value
+        raise ValueError("must be 'auto', 'cpu', 'cuda' or 'cuda:N'")
+
+
+class DataConfig(_Section):
+    """Training questions."""
+
+    train_files: list[str] = Field(
+        default_factory=list,
+        description="QA files: Search-R1 parquet (.parquet) or FlashRAG jsonl (.jsonl).",
+    )
+    shuffle: bool = Field(True, description="Visit questions in a seeded random order each epoch.")
+    max_examples: int | None = Field(None, gt=0, description="Use only the first N questions.")
+
+    @field_validator("train_files", mode="before")
+    @classmethod
+    def _one_file_is_a_list(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+
+class RetrieverConfig(_Section):
+    """Where searches go: exactly one of ``index``, ``url`` or ``corpus``."""
+
+    index: str | None = Field(
+        None, description="Index folder from `tspo index build`, searched in-process."
+    )
+    url: str | None = Field(None, description="Retriever server URL (POST /retrieve).")
+    corpus: str | None = Field(
+        None, description="Corpus jsonl; a BM25 index is built in memory at start-up."
+    )
+    token: str | None = Field(None, description="Bearer token for the retriever server.")
+    timeout: float = Field(30.0, gt=0, description="Seconds per HTTP request.")
+    retries: int = Field(3, ge=0, description="HTTP retries on connection errors and 5xx.")
+
+    @model_validator(mode="after")
+    def _at_most_one_source(self) -> RetrieverConfig:
+        given = [name for name in ("index", "url", "corpus") if getattr(self, name)]
+        if len(given) > 1:
+            raise ValueError(f"set only one of index, url, corpus (got {', '.join(given)})")
+        return self
+
+
+class RolloutSection(_Section):
+    """Multi-turn sampling (DESIGN.md §2)."""
+
+    group_size: int = Field(5, ge=1, description="Trajectories per question (the GRPO group n).")
+    max_turns: int = Field(4, ge=1, description="Search turns before the forced answer turn.")
+    max_turn_tokens: int = Field(500, ge=1, description="Generated tokens per turn, at most.")
+    max_obs_tokens: int = Field(500, ge=1, description="Tokens per <information> block, at most.")
+    topk: int = Field(3, ge=1, description="Documents per search.")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature in training.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass in training.")
+    use_chat_template: bool = Field(
+        False, description="Wrap the prompt in the tokenizer's chat template (instruct models)."
+    )
+    kv_cache: bool = Field(True, description="Reuse the KV cache across turns (else re-encode).")
+
+
+class AlgoConfig(_Section):
+    """Rewards, advantages and the loss (DESIGN.md §3)."""
+
+    estimator: str = Field("tspo", description="Advantage estimator from tspo.algo.ESTIMATORS.")
+    alpha: float = Field(0.5, ge=0, description="FOLR partial reward at the first-hit turn.")
+    lam: float = Field(1.0, ge=0, description="Weight of the FOLR term on stage-1 tokens (tspo).")
+    eps: float = Field(1e-6, gt=0, description="Added to the group std before dividing.")
+    per_turn_norm: bool = Field(False, description="Normalise advantages per turn index.")
+    detect_in: Literal["retrieved", "generated", "both"] = Field(
+        "retrieved", description="Where FOLR looks for the first gold occurrence."
+    )
+    min_answer_chars: int = Field(2, ge=1, description="Ignore shorter gold aliases for FOLR.")
+    clip_low: float = Field(0.2, gt=0, lt=1, description="PPO clip below: ratio >= 1 - clip_low.")
+    clip_high: float = Field(0.2, gt=0, description="PPO clip above: ratio <= 1 + clip_high.")
+    kl_coef: float = Field(
+        0.001, ge=0, description="KL-to-reference coefficient (0 = no reference model)."
+    )
+    kl_type: Literal["low_var_kl", "kl", "abs", "mse"] = Field(
+        "low_var_kl", description="KL estimator; low_var_kl is k3."
+    )
+    entropy_coef: float = Field(0.0, ge=0, description="Entropy bonus coefficient.")
+    agg: Literal["token-mean", "seq-mean-token-mean"] = Field(
+        "token-mean", description="How per-token losses become one number."
+    )
+
+    @field_validator("estimator")
+    @classmethod
+    def _registered(cls, value: str) -> str:
+        if value in BUILTIN_ESTIMATORS:
+            return value
+        from tspo.algo import ESTIMATORS  # user estimators register at import time
+
+        if value not in ESTIMATORS:
+            raise ValueError(f"unknown estimator {value!r}; known: {', '.join(sorted(ESTIMATORS))}")
+        return value
+
+    def advantage_options(self) -> dict[str, Any]:
+        """Keyword options for ``tspo.algo.compute_advantages``."""
+        return {
+            "alpha": self.alpha,
+            "lam": self.lam,
+            "eps": self.eps,
+            "per_turn_norm": self.per_turn_norm,
+        }
+
+    def loss_options(self) -> dict[str, Any]:
+        """Keyword options for ``tspo.algo.policy_loss``."""
+        return {
+            "clip_low": self.clip_low,
+            "clip_high": self.clip_high,
+            "kl_coef": self.kl_coef,
+            "kl_type": self.kl_type,
+            "entropy_coef": self.entropy_coef,
+            "agg": self.agg,
+        }
+
+
+class OptimConfig(_Section):
+    """AdamW with warm-up and a schedule."""
+
+    lr: float = Field(1e-6, gt=0, description="Peak learning rate.")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay.")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
+    adam_eps: float = Field(1e-8, gt=0, description="AdamW epsilon.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Clip the global gradient norm to this.")
+    warmup_ratio: float = Field(0.0, ge=0, le=1, description="Warm-up length as a share of steps.")
+    warmup_steps: int | None = Field(None, ge=0, description="Warm-up length; beats warmup_ratio.")
+    schedule: Literal["constant", "linear", "cosine"] = Field(
+        "constant", description="LR after warm-up: constant, linear decay or cosine decay."
+    )
+    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="Decay floor as a share of lr.")
+
+
+class TrainSection(_Section):
+    """The outer loop."""
+
+    steps: int = Field(100, ge=1, description="Training steps (one rollout batch each).")
+    prompts_per_step: int = Field(8, ge=1, description="Questions per step.")
+    mini_batch_size: int | None = Field(
+        None, ge=1, description="Trajectories per optimizer update; None = the whole step's batch."
+    )
+    micro_batch_size: int = Field(4, ge=1, description="Trajectories per forward/backward pass.")
+    ppo_epochs: int = Field(1, ge=1, description="Passes over the step's batch.")
+    recompute_old_logprobs: bool = Field(
+        True,
+        description="Recompute old log-probs with a forward pass instead of trusting the "
+        "sampler's (exact ratios of 1 on the first update).",
+    )
+    rollout_batch_size: int | None = Field(
+        None, ge=1, description="Questions per rollout call; None = all questions of the step."
+    )
+    bf16: bool = Field(True, description="bf16 autocast on CUDA (ignored on CPU).")
+    seed: int = Field(0, description="Seed for data order, sampling and initialisation.")
+    output_dir: str = Field("runs/tspo", description="Metrics, samples and checkpoints go here.")
+    resume: str | None = Field(
+        None, description="'auto' (newest complete checkpoint in output_dir) or a checkpoint path."
+    )
+
+
+class CheckpointConfig(_Section):
+    """Checkpoints: HF model + tokenizer + optimizer, scheduler, RNG, data position, step."""
+
+    every: int = Field(50, ge=1, description="Save every N steps (and at the last step).")
+    keep_last: int = Field(3, ge=1, description="Keep only the newest N checkpoints.")
+
+
+class LoggingConfig(_Section):
+    """What the run writes besides checkpoints."""
+
+    tensorboard: bool = Field(False, description="Also write TensorBoard scalars.")
+    samples_per_step: int = Field(
+        4, ge=0, description="Trajectories written to samples.jsonl each step."
+    )
+    progress: bool = Field(True, description="Show a progress bar with ETA.")
+
+
+class TrainConfig(_Section):
+    """A whole training run."""
+
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    retriever: RetrieverConfig = Field(default_factory=RetrieverConfig)
+    rollout: RolloutSection = Field(default_factory=RolloutSection)
+    algo: AlgoConfig = Field(default_factory=AlgoConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    train: TrainSection = Field(default_factory=TrainSection)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+
+    def to_yaml(self) -> str:
+        """The config as YAML that :func:`load_config` reads back to an equal config."""
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+    def check_runnable(self) -> None:
+        """Raise TSPOError for what a training run needs beyond field validity."""
+        if not self.data.train_files:
+            raise TSPOError("config field 'data.train_files': give at least one QA file")
+        if not (self.retriever.index or self.retriever.url or self.retriever.corpus):
+            raise TSPOError("config field 'retriever': set one of index, url or corpus")
+        batch = self.train.prompts_per_step * self.rollout.group_size
+        mini = self.train.mini_batch_size or batch
+        if batch % mini:
+            raise TSPOError(
+                f"config field 'train.mini_batch_size': {mini} does not divide the step's "
+                f"{batch} trajectories (prompts_per_step x group_size)"
+            )
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """``["a.b=1", "a.c=x"]`` -> ``{"a": {"b": 1, "c": "x"}}``; values are parsed as YAML."""
+    tree: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise TSPOError(f"override {item!r}: expected section.field=value")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as err:
+            raise TSPOError(f"override {item!r}: value is not valid YAML ({err})") from None
+        *parents, leaf = key.split(".")
+        node = tree
+        for part in parents:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise TSPOError(f"override {item!r}: {part!r} is already set to a value")
+            node = child
+        node[leaf] = value
+    return tree
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def config_from_dict(raw: dict[str, Any], *, source: str = "config") -> TrainConfig:
+    """Validate a plain dict; errors name the first bad field as ``section.field``."""
+    try:
+        return TrainConfig.model_validate(raw)
+    except ValidationError as err:
+        first = err.errors()[0]
+        field = ".".join(str(part) for part in first["loc"]) or "<root>"
+        message = first["msg"].removeprefix("Value error, ")
+        if first["type"] == "extra_forbidden":
+            message = "unknown field"
+        extra = f" ({err.error_count() - 1} more)" if err.error_count() > 1 else ""
+        raise TSPOError(f"{source} field '{field}': {message}{extra}") from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TrainConfig:
+    """Read a YAML config (or start from the defaults) and apply dotted ``overrides``."""
+    raw: dict[str, Any] = {}
+    source = "config"
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise TSPOError(f"config file not found: {path}")
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except yaml.YAMLError as err:
+            raise TSPOError(f"config file {path} is not valid YAML: {err}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise TSPOError(f"config file {path}: the top level must be a mapping of sections")
+        raw = loaded or {}
+        source = f"config {path.name}"
+    raw = _merge(raw, parse_overrides(overrides or []))
+    return config_from_dict(raw, source=source)
