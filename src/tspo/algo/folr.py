@@ -1,0 +1,104 @@
+"""First-Occurrence Latent Reward (FOLR): the turn at which a gold answer first surfaces.
+
+DESIGN.md §3. Matching is on whole words after SQuAD normalisation, and three guards drop aliases
+whose appearance says nothing about the search: aliases that occur in the question, aliases shorter
+than ``min_answer_chars`` after normalisation, and yes/no answers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from tspo.algo.metrics import normalize_answer
+from tspo.errors import TSPOError
+from tspo.protocol import ANSWER_OPEN
+
+DETECT_IN = ("retrieved", "generated", "both")
+YES_NO_ANSWERS = frozenset({"yes", "no"})
+
+
+def contains_phrase(normalized_text: str, normalized_phrase: str) -> bool:
+    """Whether ``normalized_phrase`` occurs in ``normalized_text`` as whole words.
+
+    Both arguments must already be normalised (single spaces between words), so padding with a
+    space on each side turns a substring test into a word-boundary test: "ice" is not in "price".
+    """
+    if not normalized_phrase:
+        return False
+    return f" {normalized_phrase} " in f" {normalized_text} "
+
+
+def usable_aliases(question: str, golds: Sequence[str], *, min_answer_chars: int = 2) -> list[str]:
+    """The normalised gold aliases that FOLR may match, after the guards, without duplicates."""
+    normalized_question = normalize_answer(question)
+    aliases: list[str] = []
+    for gold in golds:
+        alias = normalize_answer(gold)
+        if len(alias) < min_answer_chars or alias in YES_NO_ANSWERS:
+            continue
+        if contains_phrase(normalized_question, alias) or alias in aliases:
+            continue
+        aliases.append(alias)
+    return aliases
+
+
+def strip_final_answer(generated: Sequence[str]) -> list[str]:
+    """``generated`` with the final turn cut at its first ``<answer>``.
+
+    An answer ends a trajectory, so only the last turn can hold one; the answer itself is the
+    outcome, not evidence that the search surfaced it.
+    """
+    turns = list(generated)
+    if turns:
+        answer_at = turns[-1].find(ANSWER_OPEN)
+        if answer_at >= 0:
+            turns[-1] = turns[-1][:answer_at]
+    return turns
+
+
+def first_occurrence_turn(
+    question: str,
+    golds: Sequence[str],
+    observations: Sequence[str | None],
+    generated: Sequence[str] | None = None,
+    *,
+    detect_in: str = "retrieved",
+    min_answer_chars: int = 2,
+) -> int:
+    """k*: the first turn (0-based) whose text contains a usable gold alias, or -1.
+
+    Args:
+        question: the question, for the "alias occurs in the question" guard.
+        golds: gold answer aliases.
+        observations: ``observations[k]`` is the retrieved text of turn k, ``None`` when turn k
+            did not issue a search (only model-issued searches count).
+        generated: the model's text of each turn; needed for ``detect_in`` "generated"/"both".
+            The final turn's ``<answer>`` and what follows it are never searched.
+        detect_in: "retrieved" (observations), "generated" (the model's own text) or "both".
+        min_answer_chars: aliases shorter than this many characters after normalisation are skipped.
+    """
+    if detect_in not in DETECT_IN:
+        raise TSPOError(f"detect_in must be one of {', '.join(DETECT_IN)}, got {detect_in!r}")
+    if min_answer_chars < 0:
+        raise TSPOError(f"min_answer_chars must be >= 0, got {min_answer_chars}")
+    use_generated = detect_in in ("generated", "both")
+    use_retrieved = detect_in in ("retrieved", "both")
+    if use_generated and generated is None:
+        raise ValueError(f"detect_in={detect_in!r} needs the generated text of each turn")
+
+    aliases = usable_aliases(question, golds, min_answer_chars=min_answer_chars)
+    if not aliases:
+        return -1
+    own_text = strip_final_answer(generated) if use_generated else []
+    num_turns = max(len(observations), len(own_text))
+    for turn in range(num_turns):
+        texts = []
+        if use_retrieved and turn < len(observations) and observations[turn] is not None:
+            texts.append(observations[turn])
+        if use_generated and turn < len(own_text):
+            texts.append(own_text[turn])
+        for text in texts:
+            normalized = normalize_answer(text)
+            if any(contains_phrase(normalized, alias) for alias in aliases):
+                return turn
+    return -1
