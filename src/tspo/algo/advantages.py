@@ -47,10 +47,12 @@ def register_estimator(name: str) -> Callable[[EstimatorFn], EstimatorFn]:
     return decorator
 
 
-def group_zscore(values: Tensor, group_index: Tensor, num_groups: int, eps: float) -> Tensor:
-    """``values`` standardised within their group, in float64.
+def group_moments(
+    values: Tensor, group_index: Tensor, num_groups: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-group size, mean and unbiased std (0 for a single member), all float64.
 
-    Shapes: ``values`` (N,) float, ``group_index`` (N,) long in [0, num_groups) -> (N,) float64.
+    Shapes: ``values`` (N,) float, ``group_index`` (N,) long in [0, num_groups) -> three (G,).
     """
     x = values.to(torch.float64)
     counts = torch.bincount(group_index, minlength=num_groups).to(torch.float64)
@@ -61,6 +63,16 @@ def group_zscore(values: Tensor, group_index: Tensor, num_groups: int, eps: floa
     squared = (x - means[group_index]).square()
     sum_squares = torch.zeros_like(sums).index_add_(0, group_index, squared)
     stds = (sum_squares / (counts - 1).clamp(min=1)).sqrt()
+    return counts, means, stds
+
+
+def group_zscore(values: Tensor, group_index: Tensor, num_groups: int, eps: float) -> Tensor:
+    """``values`` standardised within their group, in float64.
+
+    Shapes: ``values`` (N,) float, ``group_index`` (N,) long in [0, num_groups) -> (N,) float64.
+    """
+    x = values.to(torch.float64)
+    counts, means, stds = group_moments(x, group_index, num_groups)
     single = counts == 1
     means = torch.where(single, 0.0, means)
     stds = torch.where(single, 1.0, stds)
