@@ -1,1 +1,118 @@
-"""CLI commands for this area (registered on tspo.cli_apps)."""
+"""CLI commands for this area (registered on tspo.cli_apps): `tspo index build`, `tspo serve`."""
+
+from __future__ import annotations
+
+import ipaddress
+from enum import StrEnum
+from pathlib import Path
+
+import typer
+
+from tspo.cli_apps import app, index_app
+from tspo.errors import TSPOError
+
+
+class IndexKind(StrEnum):
+    bm25 = "bm25"
+    dense = "dense"
+
+
+@index_app.command("build")
+def build_command(
+    corpus: Path = typer.Option(..., "--corpus", help="Corpus jsonl file (id, contents)."),
+    kind: IndexKind = typer.Option(IndexKind.bm25, "--kind", help="Index type."),
+    out: Path = typer.Option(..., "--out", help="Folder to write the index into."),
+    encoder: str | None = typer.Option(
+        None,
+        "--encoder",
+        help="Dense only: a local Hugging Face encoder folder (default: bundled all-MiniLM-L6-v2).",
+    ),
+    batch_size: int = typer.Option(64, "--batch-size", min=1, help="Dense only: encoder batch."),
+    chunk_size: int = typer.Option(
+        1024, "--chunk-size", min=1, help="Dense only: passages per saved (resumable) chunk."
+    ),
+    query_prefix: str = typer.Option(
+        "", "--query-prefix", help="Dense only: text put before each query (e5: 'query: ')."
+    ),
+    passage_prefix: str = typer.Option(
+        "", "--passage-prefix", help="Dense only: text put before each passage (e5: 'passage: ')."
+    ),
+    stemmer: str | None = typer.Option(
+        None, "--stemmer", help="BM25 only: PyStemmer language, e.g. english (needs PyStemmer)."
+    ),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing index."),
+) -> None:
+    """Build a BM25 or dense index from a corpus jsonl file."""
+    from tspo.retrieval.index import build_index, read_manifest
+
+    if kind is IndexKind.bm25 and encoder is not None:
+        raise TSPOError("--encoder applies to --kind dense only")
+    build_index(
+        corpus,
+        kind.value,
+        out,
+        overwrite=overwrite,
+        encoder=encoder,
+        batch_size=batch_size,
+        chunk_size=chunk_size,
+        query_prefix=query_prefix,
+        passage_prefix=passage_prefix,
+        stemmer=stemmer,
+    )
+    manifest = read_manifest(out)
+    typer.echo(
+        f"{manifest['kind']} index of {manifest['doc_count']} documents written to {out} "
+        f"in {manifest['build_seconds']:.1f}s"
+    )
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@app.command("serve")
+def serve_command(
+    index: Path = typer.Option(..., "--index", help="Index folder built by `tspo index build`."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to bind (loopback by default)."),
+    port: int = typer.Option(8000, "--port", min=1, max=65535, help="TCP port."),
+    topk: int = typer.Option(3, "--topk", min=1, max=100, help="Default results per query."),
+    token: str | None = typer.Option(
+        None,
+        "--token",
+        envvar="TSPO_RETRIEVER_TOKEN",
+        help="Require 'Authorization: Bearer <token>' (or set TSPO_RETRIEVER_TOKEN).",
+        show_envvar=True,
+    ),
+    max_queries: int = typer.Option(256, "--max-queries", min=1, help="Queries per request."),
+    max_query_chars: int = typer.Option(
+        4096, "--max-query-chars", min=1, help="Characters per query."
+    ),
+    max_body_bytes: int = typer.Option(
+        1 << 20, "--max-body-bytes", min=64, help="Request body size limit."
+    ),
+    access_log: bool = typer.Option(False, "--access-log", help="Log every request."),
+) -> None:
+    """Serve an index over HTTP: Search-R1's POST /retrieve, plus GET /health."""
+    from tspo.retrieval.server import serve
+
+    if not _is_loopback(host) and not token:
+        typer.echo(
+            f"warning: serving on {host} without a token; anyone who can reach it can query it",
+            err=True,
+        )
+    serve(
+        index,
+        host=host,
+        port=port,
+        topk=topk,
+        token=token,
+        access_log=access_log,
+        max_queries=max_queries,
+        max_query_chars=max_query_chars,
+        max_body_bytes=max_body_bytes,
+    )

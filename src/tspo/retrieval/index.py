@@ -1,0 +1,246 @@
+"""Build an index folder from a corpus jsonl file, and load any index folder as a `Retriever`.
+
+An index folder holds the backend's files, ``documents.jsonl`` and ``manifest.json``. The build
+writes into a hidden sibling folder and renames it into place at the end, and the manifest (written
+last) lists every file with its size, so a half-written or tampered folder is refused on load.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from tspo.errors import TSPOError
+from tspo.retrieval.base import Retriever
+from tspo.retrieval.dense import ChunkCallback, DenseBuildOptions
+from tspo.utils import progress_bar, write_json
+
+FORMAT_VERSION = 1
+KINDS = ("bm25", "dense")
+MANIFEST_FILE = "manifest.json"
+EMBEDDINGS_DIR = "embeddings"
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _partial_dir(out_dir: Path) -> Path:
+    return out_dir.parent / f".{out_dir.name}.partial"
+
+
+def _prepare_partial(partial: Path) -> None:
+    """Empty the build folder, keeping finished embedding chunks so a dense build resumes."""
+    partial.mkdir(parents=True, exist_ok=True)
+    for entry in partial.iterdir():
+        if entry.name == EMBEDDINGS_DIR and entry.is_dir():
+            continue
+        if entry.is_dir():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+
+
+def _file_sizes(folder: Path) -> dict[str, int]:
+    return {
+        path.relative_to(folder).as_posix(): path.stat().st_size
+        for path in sorted(folder.rglob("*"))
+        if path.is_file() and path.name != MANIFEST_FILE
+    }
+
+
+def _swap_into_place(partial: Path, out_dir: Path) -> None:
+    old = out_dir.parent / f".{out_dir.name}.old"
+    if old.exists():
+        shutil.rmtree(old)
+    if out_dir.exists():
+        out_dir.rename(old)
+    partial.rename(out_dir)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def build_index(
+    corpus_path: str | Path,
+    kind: str,
+    out_dir: str | Path,
+    *,
+    overwrite: bool = False,
+    show_progress: bool = True,
+    encoder: str | None = None,
+    query_prefix: str = "",
+    passage_prefix: str = "",
+    batch_size: int = 64,
+    chunk_size: int = 1024,
+    stemmer: str | None = None,
+    k1: float = 1.5,
+    b: float = 0.75,
+    on_chunk: ChunkCallback | None = None,
+) -> Path:
+    """Index ``corpus_path`` (corpus jsonl) with ``kind`` (bm25|dense) into ``out_dir``.
+
+    Dense options: ``encoder`` (default all-MiniLM-L6-v2), prefixes, ``batch_size`` and
+    ``chunk_size`` (passages per saved embedding chunk). BM25 options: ``stemmer`` (a PyStemmer
+    language, off by default), ``k1``, ``b``. Returns ``out_dir``.
+    """
+    from tspo.data.corpus import read_corpus
+
+    corpus_path, out_dir = Path(corpus_path), Path(out_dir)
+    if kind not in KINDS:
+        raise TSPOError(f"unknown index kind {kind!r}; choose one of {', '.join(KINDS)}")
+    if not corpus_path.is_file():
+        raise TSPOError(f"corpus file not found: {corpus_path}")
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise TSPOError(f"{out_dir} already exists and is not empty; pass --overwrite to replace")
+
+    started = time.perf_counter()
+    partial = _partial_dir(out_dir)
+    _prepare_partial(partial)
+    with progress_bar(disable=not show_progress) as progress:
+        step = progress.add_task("reading corpus", total=None)
+        corpus_sha = file_sha256(corpus_path)
+        docs = read_corpus(corpus_path)
+        progress.update(step, total=1, completed=1)
+        if kind == "bm25":
+            from tspo.retrieval.bm25 import BM25Retriever
+
+            step = progress.add_task(f"BM25 indexing {len(docs)} documents", total=1)
+            retriever: Any = BM25Retriever.from_docs(docs, k1=k1, b=b, stemmer=stemmer)
+            progress.update(step, completed=1)
+            options: dict[str, Any] = {"stemmer": stemmer, "k1": k1, "b": b}
+            encoder_name = None
+        else:
+            from tspo.retrieval.dense import DenseRetriever
+
+            dense_options = DenseBuildOptions(
+                encoder=encoder,
+                query_prefix=query_prefix,
+                passage_prefix=passage_prefix,
+                batch_size=batch_size,
+                chunk_size=chunk_size,
+            )
+            step = progress.add_task(f"embedding {len(docs)} documents (chunks)", total=None)
+
+            def report(done: int, total: int, reused: bool) -> None:
+                progress.update(step, total=total, completed=done)
+                if on_chunk is not None:
+                    on_chunk(done, total, reused)
+
+            retriever = DenseRetriever.from_docs(
+                docs, options=dense_options, work_dir=partial / EMBEDDINGS_DIR, on_chunk=report
+            )
+            options = {
+                "query_prefix": query_prefix,
+                "passage_prefix": passage_prefix,
+                "chunk_size": chunk_size,
+            }
+            encoder_name = retriever.encoder.name
+        step = progress.add_task("saving index", total=1)
+        retriever.save(partial)
+        shutil.rmtree(partial / EMBEDDINGS_DIR, ignore_errors=True)
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "kind": kind,
+            "encoder": encoder_name,
+            "doc_count": len(docs),
+            "corpus_sha256": corpus_sha,
+            "corpus_path": str(corpus_path.resolve()),
+            "options": options,
+            "build_seconds": round(time.perf_counter() - started, 3),
+            "files": _file_sizes(partial),
+        }
+        write_json(partial / MANIFEST_FILE, manifest)
+        _swap_into_place(partial, out_dir)
+        progress.update(step, completed=1)
+    return out_dir
+
+
+def read_manifest(index_dir: str | Path) -> dict[str, Any]:
+    """The manifest of a finished index; a missing, half-written or foreign folder is refused."""
+    index_dir = Path(index_dir)
+    if not index_dir.is_dir():
+        raise TSPOError(f"no index folder at {index_dir}")
+    path = index_dir / MANIFEST_FILE
+    if not path.is_file():
+        raise TSPOError(
+            f"{index_dir} is not a finished index ({MANIFEST_FILE} is missing; "
+            "was the build interrupted?): rebuild it with `tspo index build`"
+        )
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise TSPOError(f"{path} is corrupt: {err}") from err
+    if not isinstance(manifest, dict):
+        raise TSPOError(f"{path} is corrupt: expected a JSON object")
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        raise TSPOError(
+            f"{index_dir} has index format version {version!r}; this tspo reads version "
+            f"{FORMAT_VERSION}: rebuild it with `tspo index build`"
+        )
+    if manifest.get("kind") not in KINDS:
+        raise TSPOError(f"{path}: unknown index kind {manifest.get('kind')!r}")
+    if not isinstance(manifest.get("files"), dict) or not isinstance(
+        manifest.get("doc_count"), int
+    ):
+        raise TSPOError(f"{path} is corrupt: 'files' or 'doc_count' is missing")
+    return manifest
+
+
+def check_files(index_dir: str | Path, manifest: dict[str, Any]) -> None:
+    """Every file the manifest lists is present with its recorded size."""
+    index_dir = Path(index_dir)
+    for name, size in manifest["files"].items():
+        path = index_dir / name
+        if not path.is_file():
+            raise TSPOError(f"index {index_dir} is incomplete: {name} is missing")
+        if path.stat().st_size != size:
+            raise TSPOError(
+                f"index {index_dir} is damaged: {name} has {path.stat().st_size} bytes, "
+                f"the manifest says {size}"
+            )
+
+
+def load_retriever(index_dir: str | Path, *, corpus_path: str | Path | None = None) -> Retriever:
+    """Open the index in ``index_dir`` (built by :func:`build_index`) as a `Retriever`.
+
+    With ``corpus_path``, also check that the index was built from exactly that corpus file.
+    """
+    index_dir = Path(index_dir)
+    manifest = read_manifest(index_dir)
+    check_files(index_dir, manifest)
+    if corpus_path is not None and file_sha256(corpus_path) != manifest.get("corpus_sha256"):
+        raise TSPOError(f"index {index_dir} was built from a different corpus than {corpus_path}")
+    if manifest["kind"] == "bm25":
+        from tspo.retrieval.bm25 import BM25Retriever
+
+        retriever: Any = BM25Retriever.load(index_dir)
+    else:
+        from tspo.retrieval.dense import DenseRetriever
+
+        retriever = DenseRetriever.load(index_dir)
+    if len(retriever) != manifest["doc_count"]:
+        raise TSPOError(
+            f"index {index_dir} holds {len(retriever)} documents but its manifest says "
+            f"{manifest['doc_count']}"
+        )
+    return retriever
+
+
+def open_retriever(location: str | Path, *, token: str | None = None) -> Retriever:
+    """An index folder, or the URL of a running retrieval server (``http://…``)."""
+    text = str(location)
+    if text.startswith(("http://", "https://")):
+        from tspo.retrieval.client import HttpRetriever
+
+        return HttpRetriever(text, token=token)
+    return load_retriever(location)
