@@ -3,18 +3,27 @@
 DESIGN.md §3. Matching is on whole words after SQuAD normalisation, and three guards drop aliases
 whose appearance says nothing about the search: aliases that occur in the question, aliases shorter
 than ``min_answer_chars`` after normalisation, and yes/no answers.
+
+SQuAD normalisation deletes punctuation, which glues words together in running text
+("<think>So Paris?" becomes "thinkso paris", "Paris/London" becomes "parislondon"). Protocol tags
+are therefore replaced by spaces first, and every text and alias is compared in two forms:
+punctuation deleted (so "U.S.A." still matches "USA") and punctuation turned into spaces (so
+"Paris/London" still contains "Paris"). A match in either form counts.
 """
 
 from __future__ import annotations
 
+import string
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from tspo.algo.metrics import normalize_answer
 from tspo.errors import TSPOError
-from tspo.protocol import ANSWER_OPEN
+from tspo.protocol import ANSWER_OPEN, PROTOCOL_TAGS
 
 DETECT_IN = ("retrieved", "generated", "both")
 YES_NO_ANSWERS = frozenset({"yes", "no"})
+_PUNCTUATION_TO_SPACE = str.maketrans(string.punctuation, " " * len(string.punctuation))
 
 
 def contains_phrase(normalized_text: str, normalized_phrase: str) -> bool:
@@ -28,15 +37,37 @@ def contains_phrase(normalized_text: str, normalized_phrase: str) -> bool:
     return f" {normalized_phrase} " in f" {normalized_text} "
 
 
-def usable_aliases(question: str, golds: Sequence[str], *, min_answer_chars: int = 2) -> list[str]:
-    """The normalised gold aliases that FOLR may match, after the guards, without duplicates."""
-    normalized_question = normalize_answer(question)
-    aliases: list[str] = []
+@dataclass(frozen=True)
+class MatchForms:
+    """A text normalised with punctuation deleted (SQuAD) and with punctuation as spaces."""
+
+    deleted: str
+    spaced: str
+
+    @classmethod
+    def of(cls, text: str) -> MatchForms:
+        for tag in PROTOCOL_TAGS:
+            text = text.replace(tag, " ")
+        return cls(normalize_answer(text), normalize_answer(text.translate(_PUNCTUATION_TO_SPACE)))
+
+    def contains(self, alias: MatchForms) -> bool:
+        """Whether ``alias`` occurs here as whole words, in either form."""
+        return contains_phrase(self.deleted, alias.deleted) or contains_phrase(
+            self.spaced, alias.spaced
+        )
+
+
+def usable_aliases(
+    question: str, golds: Sequence[str], *, min_answer_chars: int = 2
+) -> list[MatchForms]:
+    """The gold aliases FOLR may match, after the guards, without duplicates."""
+    question_forms = MatchForms.of(question)
+    aliases: list[MatchForms] = []
     for gold in golds:
-        alias = normalize_answer(gold)
-        if len(alias) < min_answer_chars or alias in YES_NO_ANSWERS:
+        alias = MatchForms.of(gold)
+        if len(alias.deleted) < min_answer_chars or alias.deleted in YES_NO_ANSWERS:
             continue
-        if contains_phrase(normalized_question, alias) or alias in aliases:
+        if question_forms.contains(alias) or alias in aliases:
             continue
         aliases.append(alias)
     return aliases
@@ -98,7 +129,7 @@ def first_occurrence_turn(
         if use_generated and turn < len(own_text):
             texts.append(own_text[turn])
         for text in texts:
-            normalized = normalize_answer(text)
-            if any(contains_phrase(normalized, alias) for alias in aliases):
+            forms = MatchForms.of(text)
+            if any(forms.contains(alias) for alias in aliases):
                 return turn
     return -1
