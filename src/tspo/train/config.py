@@ -265,6 +265,11 @@ class TrainConfig(_Section):
             raise TSPOError("config field 'data.train_files': give at least one QA file")
         if not (self.retriever.index or self.retriever.url or self.retriever.corpus):
             raise TSPOError("config field 'retriever': set one of index, url or corpus")
+        if not self.train.recompute_old_logprobs and self.rollout.temperature != 1.0:
+            raise TSPOError(
+                "config field 'train.recompute_old_logprobs': must be true when "
+                "rollout.temperature is not 1 (the sampler records temperature-1 log-probs)"
+            )
         batch = self.train.prompts_per_step * self.rollout.group_size
         mini = self.train.mini_batch_size or batch
         if batch % mini:

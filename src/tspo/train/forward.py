@@ -1,0 +1,152 @@
+"""Per-token log-probs of a response under a causal LM, and the batch they are computed on."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, fields, replace
+from typing import Any
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class UpdateBatch:
+    """Everything the policy update needs, row-aligned. Prompts left-padded, responses right-padded.
+
+    Shapes: ``prompt_ids``/``prompt_mask`` (B, P); ``response_ids``, ``response_mask``,
+    ``loss_mask``, ``old_logprobs``, ``ref_logprobs`` and ``advantages`` (B, T).
+    ``ref_logprobs`` is None when no reference model is used.
+    """
+
+    prompt_ids: Tensor
+    prompt_mask: Tensor
+    response_ids: Tensor
+    response_mask: Tensor
+    loss_mask: Tensor
+    old_logprobs: Tensor
+    advantages: Tensor
+    ref_logprobs: Tensor | None = None
+
+    def __len__(self) -> int:
+        return self.prompt_ids.shape[0]
+
+    @property
+    def input_ids(self) -> Tensor:
+        """(B, P+T)."""
+        return torch.cat([self.prompt_ids, self.response_ids], dim=1)
+
+    @property
+    def attention_mask(self) -> Tensor:
+        """(B, P+T)."""
+        return torch.cat([self.prompt_mask, self.response_mask], dim=1)
+
+    def _tensors(self) -> dict[str, Tensor]:
+        return {
+            f.name: value
+            for f in fields(self)
+            if isinstance(value := getattr(self, f.name), torch.Tensor)
+        }
+
+    def select(self, rows: Tensor) -> UpdateBatch:
+        """The rows at ``rows`` ((N,) long)."""
+        return replace(self, **{name: t[rows.to(t.device)] for name, t in self._tensors().items()})
+
+    def trimmed(self) -> UpdateBatch:
+        """Without prompt columns that are padding in every row (left) and response columns that
+        are padding in every row (right): a micro-batch costs what its longest row costs."""
+        prompt_used = self.prompt_mask.bool().any(dim=0).nonzero()
+        first = int(prompt_used[0]) if len(prompt_used) else self.prompt_mask.shape[1]
+        response_used = self.response_mask.bool().any(dim=0).nonzero()
+        end = int(response_used[-1]) + 1 if len(response_used) else 0
+        trimmed = {}
+        for name, tensor in self._tensors().items():
+            trimmed[name] = tensor[:, first:] if name.startswith("prompt_") else tensor[:, :end]
+        return replace(self, **trimmed)
+
+
+def position_ids(attention_mask: Tensor) -> Tensor:
+    """(B, L) 0/1 mask -> (B, L) positions counting real tokens only (left padding gets 0)."""
+    return (attention_mask.long().cumsum(dim=-1) - 1).clamp(min=0)
+
+
+def response_logprobs(
+    model: Any,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    response_length: int,
+    *,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+    entropy_grad: bool = False,
+) -> tuple[Tensor, Tensor | None]:
+    """Log-probs (and optionally entropies) of the last ``response_length`` tokens.
+
+    ``input_ids``/``attention_mask`` (B, P+T) with T = ``response_length`` -> (B, T) float32
+    log-probs of each response token given everything before it, with logits divided by the
+    sampling ``temperature``; entropies (B, T) of the same distributions, detached unless
+    ``entropy_grad``. Only the T+1 last positions' logits are materialised.
+    """
+    if response_length == 0:
+        empty = input_ids.new_zeros((input_ids.shape[0], 0), dtype=torch.float32)
+        return empty, (empty if with_entropy else None)
+    output = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids(attention_mask),
+        logits_to_keep=response_length + 1,
+        use_cache=False,
+    )
+    logits = output.logits[:, :-1].float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    targets = input_ids[:, -response_length:]
+    normaliser = torch.logsumexp(logits, dim=-1)
+    logprobs = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - normaliser
+    entropy = None
+    if with_entropy:
+        source = logits if entropy_grad else logits.detach()
+        norm = normaliser if entropy_grad else normaliser.detach()
+        entropy = norm - (torch.softmax(source, dim=-1) * source).sum(dim=-1)
+    return logprobs, entropy
+
+
+def micro_batches(rows: Tensor, size: int) -> Iterator[Tensor]:
+    """Consecutive chunks of ``rows`` ((N,) long) of at most ``size``."""
+    for start in range(0, len(rows), size):
+        yield rows[start : start + size]
+
+
+def autocast_context(device: torch.device, bf16: bool) -> AbstractContextManager[Any]:
+    """bf16 autocast on CUDA when asked for; full precision otherwise (CPU bf16 is slower)."""
+    if bf16 and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+@torch.no_grad()
+def batch_logprobs(
+    model: Any,
+    batch: UpdateBatch,
+    *,
+    micro_batch_size: int,
+    temperature: float,
+    autocast: AbstractContextManager[Any] | None = None,
+) -> Tensor:
+    """(B, T) log-probs of every response token, computed in trimmed micro-batches, 0 on padding."""
+    width = batch.response_ids.shape[1]
+    result = torch.zeros(
+        batch.response_ids.shape, dtype=torch.float32, device=batch.response_ids.device
+    )
+    for rows in micro_batches(torch.arange(len(batch)), micro_batch_size):
+        micro = batch.select(rows).trimmed()
+        length = micro.response_ids.shape[1]
+        with autocast or nullcontext():
+            logprobs, _ = response_logprobs(
+                model, micro.input_ids, micro.attention_mask, length, temperature=temperature
+            )
+        padded = torch.zeros((len(rows), width), dtype=torch.float32, device=result.device)
+        padded[:, :length] = logprobs * micro.response_mask[:, :length]
+        result[rows.to(result.device)] = padded
+    return result

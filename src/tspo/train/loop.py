@@ -1,0 +1,270 @@
+"""The training loop: rollout groups, score, compute advantages, run PPO against a frozen reference.
+
+Read :func:`train` top to bottom; each numbered step of :func:`run_step` is one stage of
+DESIGN.md §4 (rollout -> rewards -> advantages -> loss -> optimizer step -> diagnostics).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tspo.algo import compute_advantages, group_diagnostics
+from tspo.rollout.batch import RolloutBatch
+from tspo.train.checkpoint import (
+    TrainerState,
+    capture_rng_state,
+    load_trainer_state,
+    resolve_resume,
+    restore_rng_state,
+    save_checkpoint,
+)
+from tspo.train.components import (
+    Policy,
+    build_policy,
+    load_examples,
+    retriever_from_config,
+    rollout_config,
+)
+from tspo.train.config import TrainConfig
+from tspo.train.forward import UpdateBatch, autocast_context, batch_logprobs
+from tspo.train.optim import build_optimizer, build_scheduler
+from tspo.train.run_log import RunLog, rollout_statistics, trajectory_samples
+from tspo.train.sampler import PromptSampler
+from tspo.train.update import UpdateSettings, ppo_update
+from tspo.utils import peak_memory_mb, progress_bar, set_seed
+
+CHECKPOINT_DIR = "checkpoints"
+
+
+@dataclass
+class TrainResult:
+    """Where the run wrote its files, how far it got, and the metrics of the steps run now."""
+
+    output_dir: Path
+    final_step: int
+    last_checkpoint: Path | None
+    metrics: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class _Run:
+    """The live objects of a run (built once, mutated by every step)."""
+
+    config: TrainConfig
+    policy: Policy
+    engine: Any
+    sampler: PromptSampler
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    rollout_generator: torch.Generator
+    shuffle_generator: torch.Generator
+
+    def trainer_state(self, step: int) -> TrainerState:
+        return TrainerState(
+            step=step,
+            optimizer=self.optimizer.state_dict(),
+            scheduler=self.scheduler.state_dict(),
+            sampler=self.sampler.state_dict(),
+            generators={
+                "rollout": self.rollout_generator.get_state(),
+                "shuffle": self.shuffle_generator.get_state(),
+            },
+            rng=capture_rng_state(),
+        )
+
+    def restore(self, state: TrainerState) -> None:
+        self.optimizer.load_state_dict(state.optimizer)
+        self.scheduler.load_state_dict(state.scheduler)
+        self.sampler.load_state_dict(state.sampler)
+        self.rollout_generator.set_state(state.generators["rollout"])
+        self.shuffle_generator.set_state(state.generators["shuffle"])
+        restore_rng_state(state.rng)
+
+
+def train(config: TrainConfig) -> TrainResult:
+    """Train the policy for ``config.train.steps`` steps (continuing a checkpoint if asked to)."""
+    config.check_runnable()
+    output_dir = Path(config.train.output_dir)
+    checkpoint_root = output_dir / CHECKPOINT_DIR
+    resume_from = resolve_resume(config.train.resume, checkpoint_root)
+    set_seed(config.train.seed)
+
+    run, start_step = _build_run(config, resume_from)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "config.yaml").write_text(config.to_yaml(), encoding="utf-8")
+    log = RunLog(output_dir, tensorboard=config.logging.tensorboard, resume_step=start_step)
+    result = TrainResult(output_dir, start_step, resume_from)
+
+    try:
+        with progress_bar(disable=not config.logging.progress) as progress:
+            task = progress.add_task("training", total=config.train.steps, completed=start_step)
+            for step in range(start_step + 1, config.train.steps + 1):
+                metrics, samples = run_step(run, step)
+                log.log_step(metrics, samples)
+                result.metrics.append(metrics)
+                result.final_step = step
+                if step % config.checkpoint.every == 0 or step == config.train.steps:
+                    result.last_checkpoint = save_checkpoint(
+                        checkpoint_root,
+                        model=run.policy.model,
+                        tokenizer=run.policy.tokenizer,
+                        state=run.trainer_state(step),
+                        config_yaml=config.to_yaml(),
+                        keep_last=config.checkpoint.keep_last,
+                    )
+                progress.update(
+                    task,
+                    advance=1,
+                    description=f"training (reward {metrics['reward_mean']:.3f})",
+                )
+    finally:
+        log.close()
+        run.engine.retriever.close()
+    return result
+
+
+def _build_run(config: TrainConfig, resume_from: Path | None) -> tuple[_Run, int]:
+    from tspo.rollout import RolloutEngine
+
+    seed = config.train.seed
+    policy = build_policy(config.model, kl_coef=config.algo.kl_coef, weights_from=resume_from)
+    optimizer = build_optimizer(policy.model, config.optim)
+    retriever = retriever_from_config(config.retriever)
+    engine = RolloutEngine(
+        policy.model,
+        policy.tokenizer,
+        retriever,
+        rollout_config(
+            config.rollout,
+            detect_in=config.algo.detect_in,
+            min_answer_chars=config.algo.min_answer_chars,
+        ),
+    )
+    run = _Run(
+        config=config,
+        policy=policy,
+        engine=engine,
+        sampler=PromptSampler(
+            load_examples(config.data),
+            config.train.prompts_per_step,
+            seed=seed,
+            shuffle=config.data.shuffle,
+        ),
+        optimizer=optimizer,
+        scheduler=build_scheduler(optimizer, config.optim, config.train.steps),
+        rollout_generator=torch.Generator(device=policy.device).manual_seed(seed),
+        shuffle_generator=torch.Generator().manual_seed(seed + 1),
+    )
+    if resume_from is None:
+        return run, 0
+    state = load_trainer_state(resume_from)
+    run.restore(state)
+    return run, state.step
+
+
+def run_step(run: _Run, step: int) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """One training step; returns its metrics and a few trajectories for inspection."""
+    config, policy = run.config, run.policy
+    autocast = autocast_context(policy.device, config.train.bf16)
+    step_start = time.perf_counter()
+
+    # 1. Rollout: a group of trajectories per question, sampled by the current policy. The engine
+    #    scores them (EM outcome, F1, first-occurrence turn k*).
+    questions = run.sampler.next_batch()
+    policy.model.eval()
+    with torch.no_grad(), autocast:
+        rollout: RolloutBatch = run.engine.generate(
+            questions, config.rollout.group_size, generator=run.rollout_generator
+        )
+    rollout = rollout.to(policy.device)
+    rollout_seconds = time.perf_counter() - step_start
+
+    # 2. Advantages from the configured estimator (token level, 0 off the loss mask).
+    advantages = compute_advantages(
+        config.algo.estimator,
+        outcome=rollout.outcome,
+        first_hit_turn=rollout.first_hit_turn,
+        turn_ids=rollout.turn_ids,
+        group_ids=rollout.group_ids,
+        **config.algo.advantage_options(),
+    )
+    batch = UpdateBatch(
+        prompt_ids=rollout.prompt_ids,
+        prompt_mask=rollout.prompt_mask,
+        response_ids=rollout.response_ids,
+        response_mask=rollout.response_mask,
+        loss_mask=rollout.loss_mask,
+        old_logprobs=rollout.old_logprobs,
+        advantages=advantages.float(),
+    )
+
+    # 3. Log-probs of the sampling policy (recomputed in a plain forward pass so the first ratio
+    #    is exactly 1) and of the frozen reference for the KL term.
+    micro = config.train.micro_batch_size
+    temperature = config.rollout.temperature
+    if config.train.recompute_old_logprobs:
+        batch.old_logprobs = batch_logprobs(
+            policy.model, batch, micro_batch_size=micro, temperature=temperature, autocast=autocast
+        )
+    if config.algo.kl_coef > 0:
+        with policy.reference_context():
+            batch.ref_logprobs = batch_logprobs(
+                policy.reference_model(),
+                batch,
+                micro_batch_size=micro,
+                temperature=temperature,
+                autocast=autocast,
+            )
+
+    # 4. PPO epochs over mini-batches, then one scheduler step per training step.
+    update_start = time.perf_counter()
+    lr = run.scheduler.get_last_lr()[0]
+    loss_metrics = ppo_update(
+        policy.model,
+        run.optimizer,
+        batch,
+        UpdateSettings(
+            ppo_epochs=config.train.ppo_epochs,
+            mini_batch_size=config.train.mini_batch_size or len(batch),
+            micro_batch_size=micro,
+            max_grad_norm=config.optim.max_grad_norm,
+            temperature=temperature,
+            algo=config.algo,
+        ),
+        generator=run.shuffle_generator,
+        autocast=autocast,
+    )
+    run.scheduler.step()
+    now = time.perf_counter()
+    update_seconds = now - update_start
+
+    # 5. Diagnostics (DESIGN.md §3) and cost.
+    generated_tokens = int(rollout.loss_mask.sum())
+    metrics: dict[str, Any] = {
+        "step": step,
+        "epoch": run.sampler.epoch,
+        "lr": lr,
+        **group_diagnostics(
+            rollout.outcome,
+            rollout.first_hit_turn,
+            rollout.group_ids,
+            advantages,
+            rollout.loss_mask,
+        ),
+        **rollout_statistics(rollout),
+        **loss_metrics,
+        "rollout_seconds": rollout_seconds,
+        "update_seconds": update_seconds,
+        "step_seconds": now - step_start,
+        "generated_tokens": generated_tokens,
+        "rollout_tokens_per_s": generated_tokens / max(rollout_seconds, 1e-9),
+        "update_tokens_per_s": loss_metrics["update_tokens"] / max(update_seconds, 1e-9),
+        **peak_memory_mb(),
+    }
+    samples = trajectory_samples(rollout, advantages, step, config.logging.samples_per_step)
+    return metrics, samples
