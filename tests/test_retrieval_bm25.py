@@ -1,0 +1,84 @@
+"""BM25 backend: ranking, batching, edge-case queries, save/load."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from retrieval_helpers import TOPICS, corpus_docs
+
+from tspo.errors import TSPOError
+from tspo.retrieval.base import Hit
+from tspo.retrieval.bm25 import BM25Retriever
+
+RETRIEVER = BM25Retriever.from_docs(corpus_docs())
+
+
+def test_each_topic_query_ranks_its_document_first():
+    queries = [query for _, _, query in TOPICS]
+    results = RETRIEVER.search(queries, topk=3)
+    assert len(results) == len(queries)
+    for position, hits in enumerate(results):
+        assert len(hits) == 3
+        assert hits[0].doc_id == f"d{position}", queries[position]
+        assert hits[0].title == TOPICS[position][0]
+        assert hits[0].text == TOPICS[position][1]
+        assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
+        assert hits[0].score > 0
+
+
+def test_batch_equals_one_query_at_a_time():
+    queries = ["capital of japan", "who wrote hamlet", "largest planet"]
+    batched = RETRIEVER.search(queries, topk=2)
+    single = [RETRIEVER.search([q], topk=2)[0] for q in queries]
+    assert batched == single
+
+
+def test_topk_above_corpus_size_returns_every_document():
+    hits = RETRIEVER.search(["chess"], topk=100)[0]
+    assert len(hits) == len(TOPICS)
+    assert len({h.doc_id for h in hits}) == len(TOPICS)
+
+
+def test_empty_batch_and_queries_without_known_words():
+    assert RETRIEVER.search([], topk=3) == []
+    results = RETRIEVER.search(["", "the of and", "zzzqqq xyzzy"], topk=2)
+    assert [len(hits) for hits in results] == [2, 2, 2]
+    assert all(h.score == 0 for hits in results for h in hits)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.text(max_size=40), min_size=1, max_size=4), st.integers(1, 30))
+def test_any_text_query_returns_min_topk_hits(queries, topk):
+    results = RETRIEVER.search(queries, topk=topk)
+    assert len(results) == len(queries)
+    assert all(len(hits) == min(topk, len(TOPICS)) for hits in results)
+    assert all(isinstance(h, Hit) for hits in results for h in hits)
+
+
+def test_save_load_round_trip(tmp_path):
+    RETRIEVER.save(tmp_path / "idx")
+    loaded = BM25Retriever.load(tmp_path / "idx")
+    queries = [query for _, _, query in TOPICS]
+    assert loaded.search(queries, topk=4) == RETRIEVER.search(queries, topk=4)
+
+
+def test_empty_corpus_is_refused():
+    with pytest.raises(TSPOError, match="empty corpus"):
+        BM25Retriever.from_docs([])
+
+
+@pytest.mark.skipif(importlib.util.find_spec("Stemmer") is not None, reason="PyStemmer present")
+def test_stemmer_without_pystemmer_is_a_clear_error():
+    with pytest.raises(TSPOError, match="PyStemmer"):
+        BM25Retriever.from_docs(corpus_docs(), stemmer="english")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("Stemmer") is None, reason="needs PyStemmer")
+def test_stemmer_matches_inflected_forms(tmp_path):
+    stemmed = BM25Retriever.from_docs(corpus_docs(), stemmer="english")
+    assert stemmed.search(["painting"], topk=1)[0][0].title == "Mona Lisa"
+    stemmed.save(tmp_path / "idx")
+    assert BM25Retriever.load(tmp_path / "idx").stemmer_name == "english"
