@@ -365,7 +365,8 @@ def generate_wiki_qa(articles: Sequence[WikiArticle], seed: int) -> list[QAExamp
     """Single-hop and bridge examples for ``articles`` (at most one of each per answer article).
 
     ``seed`` picks each answer article's bridge among its candidates. A bridge is kept only when
-    no other article of the same description also mentions it, so the question has one answer.
+    no other article of the same description also mentions it, so the question has one answer;
+    a question generated for two articles is dropped for the same reason.
     """
     items = []
     for index, article in enumerate(articles):
@@ -399,7 +400,10 @@ def generate_wiki_qa(articles: Sequence[WikiArticle], seed: int) -> list[QAExamp
             examples.append(
                 _example("bridge", item, question, {**meta, "bridge": bridge.article.title})
             )
-    return examples
+    # Two articles can open with the same words ("What is a genus of plants?"): such a question
+    # has no single answer, so every copy goes.
+    repeats = Counter(normalize_text(ex.question) for ex in examples)
+    return [ex for ex in examples if repeats[normalize_text(ex.question)] == 1]
 
 
 def _example(kind: str, item: _Analysed, question: str, metadata: dict[str, str]) -> QAExample:
@@ -412,15 +416,20 @@ def _example(kind: str, item: _Analysed, question: str, metadata: dict[str, str]
     )
 
 
-def split_by_answer(
-    examples: Sequence[QAExample], seed: int, dev_frac: float, test_frac: float
-) -> dict[str, list[QAExample]]:
-    """Train/dev/test splits that never share an answer article, shuffled by ``seed``."""
+def check_fractions(dev_frac: float, test_frac: float) -> None:
+    """Raise TSPOError unless both split fractions are in [0, 1) and leave some for train."""
     if not (0 <= dev_frac < 1 and 0 <= test_frac < 1 and dev_frac + test_frac < 1):
         raise TSPOError(
             f"--dev-frac ({dev_frac}) and --test-frac ({test_frac}) must be in [0, 1) "
             "and sum to less than 1"
         )
+
+
+def split_by_answer(
+    examples: Sequence[QAExample], seed: int, dev_frac: float, test_frac: float
+) -> dict[str, list[QAExample]]:
+    """Train/dev/test splits that never share an answer article, shuffled by ``seed``."""
+    check_fractions(dev_frac, test_frac)
     titles = sorted({ex.metadata["title"] for ex in examples})
     random.Random(seed).shuffle(titles)
     n_test = round(len(titles) * test_frac)
@@ -459,6 +468,7 @@ def build_wiki_dataset(
     from tspo.data.qa import write_flashrag_jsonl, write_searchr1_parquet
     from tspo.utils import write_json
 
+    check_fractions(dev_frac, test_frac)
     out_dir = Path(out_dir)
     source_path = Path(source) if source is not None else wiki_data_path()
     articles = load_wiki_articles(source_path)
