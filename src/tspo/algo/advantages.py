@@ -16,6 +16,7 @@ import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -182,7 +183,7 @@ def per_turn_normalize(table: Tensor, present: Tensor, batch: TurnBatch, eps: fl
     return normalized
 
 
-def _estimator_options(name: str, fn: EstimatorFn, options: dict[str, object]) -> dict[str, object]:
+def _estimator_options(name: str, fn: EstimatorFn, options: dict[str, Any]) -> dict[str, Any]:
     """The options ``fn`` accepts; unknown non-common options are a user error."""
     parameters = inspect.signature(fn).parameters
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
@@ -193,7 +194,9 @@ def _estimator_options(name: str, fn: EstimatorFn, options: dict[str, object]) -
     return {key: value for key, value in options.items() if key in parameters}
 
 
-def _check_shapes(outcome: Tensor, first_hit_turn: Tensor, turn_ids: Tensor, group_ids: Tensor):
+def _check_shapes(
+    outcome: Tensor, first_hit_turn: Tensor, turn_ids: Tensor, group_ids: Tensor
+) -> None:
     if turn_ids.dim() != 2:
         raise ValueError(f"turn_ids must be (B, T), got shape {tuple(turn_ids.shape)}")
     batch_size = turn_ids.shape[0]
@@ -216,7 +219,7 @@ def compute_advantages(
     turn_ids: Tensor,
     group_ids: Tensor,
     per_turn_norm: bool = False,
-    **options: object,
+    **options: Any,
 ) -> Tensor:
     """Token advantages from the estimator registered as ``name``.
 
@@ -255,7 +258,7 @@ def compute_advantages(
             f"expected ({len(outcome)}, {num_turns})"
         )
     if per_turn_norm:
-        eps = float(options.get("eps", DEFAULT_EPS))  # type: ignore[arg-type]
+        eps = float(options.get("eps", DEFAULT_EPS))
         table = per_turn_normalize(table, turn_presence(turn_ids, num_turns), batch, eps)
     padded = torch.cat([table.to(out_dtype), table.new_zeros(len(outcome), 1, dtype=out_dtype)], 1)
     token_turn = torch.where(turn_ids >= 0, turn_ids, num_turns)
