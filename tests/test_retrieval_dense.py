@@ -25,17 +25,30 @@ def corpus(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def minilm_index(corpus, tmp_path_factory):
+    """A MiniLM index built in chunks of 8 passages, interrupted after the first chunk, resumed."""
     out = tmp_path_factory.mktemp("dense-index") / "idx"
-    chunks: list[tuple[int, int, bool]] = []
+    first_run: list[tuple[int, int, bool]] = []
+
+    def interrupt_after_first_chunk(done: int, total: int, reused: bool) -> None:
+        first_run.append((done, total, reused))
+        if done == 1:
+            raise Interrupted
+
+    with pytest.raises(Interrupted):
+        build_index(
+            corpus, "dense", out, chunk_size=8, show_progress=False,
+            on_chunk=interrupt_after_first_chunk,
+        )  # fmt: skip
+    assert not out.exists()
+    partial = out.parent / ".idx.partial"
+    saved = sorted(p.name for p in (partial / "embeddings").glob("emb-*.npy"))
+    second_run: list[tuple[int, int, bool]] = []
     build_index(
-        corpus,
-        "dense",
-        out,
-        chunk_size=8,
-        show_progress=False,
-        on_chunk=lambda *c: chunks.append(c),
-    )
-    return out, chunks
+        corpus, "dense", out, chunk_size=8, show_progress=False,
+        on_chunk=lambda *c: second_run.append(c),
+    )  # fmt: skip
+    assert not partial.exists()
+    return out, first_run, saved, second_run
 
 
 @pytest.fixture(scope="module")
@@ -61,9 +74,15 @@ def tiny_encoder_dir(tmp_path_factory):
     return folder
 
 
+def test_interrupted_build_resumes_from_saved_chunks(minilm_index):
+    _, first_run, saved, second_run = minilm_index
+    assert first_run == [(1, 3, False)]
+    assert saved == ["emb-00000.npy"]
+    assert second_run == [(1, 3, True), (2, 3, False), (3, 3, False)]
+
+
 def test_minilm_index_finds_each_topic(minilm_index):
-    out, chunks = minilm_index
-    assert chunks == [(1, 3, False), (2, 3, False), (3, 3, False)]
+    out = minilm_index[0]
     manifest = read_manifest(out)
     assert manifest["kind"] == "dense"
     assert manifest["encoder"] == "all-MiniLM-L6-v2"
@@ -71,6 +90,8 @@ def test_minilm_index_finds_each_topic(minilm_index):
     assert not (out / "embeddings").exists()
     retriever = load_retriever(out)
     assert isinstance(retriever, DenseRetriever)
+    fresh = retriever.encoder.encode_passages(retriever.table.contents_list())
+    np.testing.assert_allclose(retriever.index.reconstruct_n(0, len(TOPICS)), fresh, atol=1e-5)
     results = retriever.search([query for _, _, query in TOPICS], topk=3)
     top1 = [hits[0].doc_id for hits in results]
     assert top1 == [f"d{i}" for i in range(len(TOPICS))]
@@ -79,38 +100,6 @@ def test_minilm_index_finds_each_topic(minilm_index):
         assert scores == sorted(scores, reverse=True)
         assert all(-1.0 - 1e-5 <= s <= 1.0 + 1e-5 for s in scores)
     assert len(retriever.search(["planets"], topk=100)[0]) == len(TOPICS)
-
-
-def test_interrupted_build_resumes_from_saved_chunks(corpus, minilm_index, tmp_path):
-    reference = load_retriever(minilm_index[0])
-    out = tmp_path / "idx"
-
-    def interrupt_after_first_chunk(done: int, total: int, reused: bool) -> None:
-        if done == 1:
-            raise Interrupted
-
-    with pytest.raises(Interrupted):
-        build_index(
-            corpus, "dense", out, chunk_size=8, show_progress=False,
-            on_chunk=interrupt_after_first_chunk,
-        )  # fmt: skip
-    assert not out.exists()
-    partial = tmp_path / ".idx.partial"
-    assert sorted(p.name for p in (partial / "embeddings").glob("emb-*.npy")) == ["emb-00000.npy"]
-
-    chunks: list[tuple[int, int, bool]] = []
-    build_index(
-        corpus, "dense", out, chunk_size=8, show_progress=False,
-        on_chunk=lambda *c: chunks.append(c),
-    )  # fmt: skip
-    assert chunks == [(1, 3, True), (2, 3, False), (3, 3, False)]
-    assert not partial.exists()
-    resumed = load_retriever(out)
-    np.testing.assert_allclose(
-        resumed.index.reconstruct_n(0, len(TOPICS)),
-        reference.index.reconstruct_n(0, len(TOPICS)),
-        atol=1e-5,
-    )
 
 
 def test_chunks_from_another_encoder_are_not_reused(tiny_encoder_dir, tmp_path):
