@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from tspo.protocol import PROMPT_TEMPLATE
 
@@ -17,6 +21,18 @@ FACTS = [
     ("Nile", "The Nile is a river in Africa.", "Which river flows through Egypt?", ["Nile"]),
     ("Everest", "Everest is the highest mountain.", "What is the highest mountain?", ["Everest"]),
 ]
+
+
+@contextmanager
+def single_thread() -> Iterator[None]:
+    """Run torch on one thread: on a loaded shared CPU, two threads make micro-model ops ~50x
+    slower (they spin waiting for each other)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 @dataclass

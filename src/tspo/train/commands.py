@@ -1,1 +1,170 @@
-"""CLI commands for this area (registered on tspo.cli_apps)."""
+"""`tspo train` and `tspo eval` (registered on tspo.cli_apps.app).
+
+Heavy imports (torch, transformers) happen inside the commands so `tspo --help` stays fast.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from tspo.cli_apps import app
+from tspo.errors import TSPOError
+
+console = Console(stderr=True)
+
+
+def _quiet_transformers() -> None:
+    """Our own progress bars replace transformers' per-file loading bars."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
+@app.command("train")
+def train_command(
+    overrides: Annotated[
+        list[str] | None,
+        typer.Argument(
+            help="Config overrides as section.field=value, e.g. algo.estimator=grpo train.steps=2.",
+            show_default=False,
+        ),
+    ] = None,
+    config: Annotated[
+        Path | None,
+        typer.Option("--config", "-c", help="YAML config (see configs/); defaults otherwise."),
+    ] = None,
+    resume: Annotated[
+        str | None,
+        typer.Option(
+            "--resume",
+            help="'auto' continues from the newest complete checkpoint in train.output_dir; "
+            "or a checkpoint folder.",
+        ),
+    ] = None,
+) -> None:
+    """Train a search agent with TSPO (or a baseline estimator) from a YAML config."""
+    from tspo.train.config import load_config
+
+    if resume:
+        overrides = [*(overrides or []), f"train.resume={resume}"]
+    settings = load_config(config, overrides)
+    _quiet_transformers()
+    from tspo.train.loop import train
+
+    result = train(settings)
+    console.print(
+        f"trained to step {result.final_step}; metrics in {result.output_dir / 'metrics.jsonl'}"
+        + (f"; checkpoint {result.last_checkpoint}" if result.last_checkpoint else "")
+    )
+
+
+@app.command("eval")
+def eval_command(
+    model: Annotated[
+        str, typer.Option("--model", "-m", help="Model folder (e.g. a checkpoint) or alias.")
+    ],
+    data: Annotated[
+        list[Path],
+        typer.Option(
+            "--data", "-d", help="QA file, Search-R1 .parquet or FlashRAG .jsonl; repeatable."
+        ),
+    ],
+    retriever: Annotated[
+        str | None, typer.Option("--retriever", help="Retriever server URL.")
+    ] = None,
+    index: Annotated[
+        Path | None, typer.Option("--index", help="Index folder from `tspo index build`.")
+    ] = None,
+    corpus: Annotated[
+        Path | None, typer.Option("--corpus", help="Corpus jsonl; BM25 is built in memory.")
+    ] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", "-o", help="Folder for eval.json, eval.md and trajectories.jsonl."),
+    ] = None,
+    max_turns: Annotated[
+        int | None, typer.Option(help="Search turns before the forced answer turn.")
+    ] = None,
+    max_turn_tokens: Annotated[int | None, typer.Option(help="Tokens per turn, at most.")] = None,
+    max_obs_tokens: Annotated[
+        int | None, typer.Option(help="Tokens per <information> block, at most.")
+    ] = None,
+    topk: Annotated[int | None, typer.Option(help="Documents per search.")] = None,
+    chat_template: Annotated[
+        bool | None,
+        typer.Option(
+            "--chat-template/--no-chat-template",
+            help="Wrap prompts in the tokenizer's chat template.",
+        ),
+    ] = None,
+    batch_size: Annotated[int, typer.Option(help="Questions decoded together.")] = 16,
+    limit: Annotated[
+        int | None, typer.Option(help="Evaluate only the first N questions of each file.")
+    ] = None,
+    dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16.")] = "float32",
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+) -> None:
+    """Evaluate a model with greedy decoding: EM and F1 per data source, turns and searches.
+
+    Rollout settings default to those in the checkpoint's config.yaml (when MODEL is a
+    `tspo train` checkpoint), else to the protocol's defaults; the flags override both.
+    """
+    _quiet_transformers()
+    from tspo.evaluation import markdown_table, run_eval
+    from tspo.train.components import open_retriever
+
+    rollout = _eval_rollout_config(
+        model,
+        max_turns=max_turns,
+        max_turn_tokens=max_turn_tokens,
+        max_obs_tokens=max_obs_tokens,
+        topk=topk,
+        use_chat_template=chat_template,
+    )
+    with open_retriever(
+        url=retriever, index=str(index) if index else None, corpus=str(corpus) if corpus else None
+    ) as searcher:
+        result = run_eval(
+            model,
+            data,
+            retriever=searcher,
+            out_dir=out,
+            rollout=rollout,
+            dtype=dtype,
+            device=device,
+            batch_size=batch_size,
+            limit=limit,
+        )
+    typer.echo(markdown_table(result.scores), nl=False)
+    if out is not None:
+        console.print(f"wrote {out / 'eval.json'}, {out / 'eval.md'}, {out / 'trajectories.jsonl'}")
+
+
+def _eval_rollout_config(model: str, **flags: object):
+    """RolloutConfig: flags, else the checkpoint's training config, else the defaults."""
+    from tspo.rollout import RolloutConfig
+
+    settings: dict[str, object] = {}
+    saved = Path(model) / "config.yaml"
+    if saved.is_file():
+        from tspo.train.config import load_config
+
+        try:
+            section = load_config(saved).rollout
+        except TSPOError:
+            section = None  # a model's own config.yaml that is not a tspo config
+        if section is not None:
+            settings = {
+                "max_turns": section.max_turns,
+                "max_turn_tokens": section.max_turn_tokens,
+                "max_obs_tokens": section.max_obs_tokens,
+                "topk": section.topk,
+                "use_chat_template": section.use_chat_template,
+            }
+    settings.update({name: value for name, value in flags.items() if value is not None})
+    return RolloutConfig(**settings)  # type: ignore[arg-type]

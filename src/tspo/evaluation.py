@@ -1,0 +1,198 @@
+"""Evaluate a search agent: greedy multi-turn rollouts, EM and F1 per data source and overall.
+
+:func:`evaluate` works on a loaded model; :func:`run_eval` loads a model folder and QA files
+(Search-R1 parquet or FlashRAG jsonl, e.g. the seven standard test sets as distributed), runs
+:func:`evaluate` and writes ``eval.json``, ``eval.md`` (a Markdown table) and
+``trajectories.jsonl`` to an output folder.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tspo.data.qa import QAExample
+from tspo.retrieval.base import Retriever
+from tspo.rollout.batch import Trajectory
+from tspo.utils import atomic_write_text, progress_bar, write_json
+
+OVERALL = "overall"
+
+
+@dataclass
+class EvalResult:
+    """Scores per data source (``OVERALL`` for all questions) and every trajectory."""
+
+    scores: dict[str, dict[str, float]]
+    trajectories: list[Trajectory] = field(default_factory=list)
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def overall(self) -> dict[str, float]:
+        return self.scores[OVERALL]
+
+
+def summarize(trajectories: Sequence[Trajectory]) -> dict[str, float]:
+    """Count, EM, F1, mean turns, mean searches and answer rate of some trajectories."""
+    count = len(trajectories)
+    if count == 0:
+        return {"count": 0, "em": 0.0, "f1": 0.0, "turns": 0.0, "searches": 0.0, "answered": 0.0}
+    return {
+        "count": count,
+        "em": sum(t.outcome for t in trajectories) / count,
+        "f1": sum(t.f1 for t in trajectories) / count,
+        "turns": sum(t.num_turns for t in trajectories) / count,
+        "searches": sum(t.num_searches for t in trajectories) / count,
+        "answered": sum(t.final_answer is not None for t in trajectories) / count,
+    }
+
+
+def scores_by_source(trajectories: Sequence[Trajectory]) -> dict[str, dict[str, float]]:
+    """:func:`summarize` per ``data_source`` (in order of first appearance) plus ``overall``."""
+    groups: dict[str, list[Trajectory]] = {}
+    for trajectory in trajectories:
+        groups.setdefault(trajectory.data_source, []).append(trajectory)
+    scores = {source: summarize(group) for source, group in groups.items()}
+    scores[OVERALL] = summarize(trajectories)
+    return scores
+
+
+def evaluate(
+    model: Any,
+    tokenizer: Any,
+    retriever: Retriever,
+    examples: Sequence[QAExample],
+    *,
+    rollout: Any = None,
+    batch_size: int = 16,
+    show_progress: bool = True,
+) -> EvalResult:
+    """Greedy rollouts of ``examples`` in batches of ``batch_size``, scored by EM and F1.
+
+    ``rollout`` is a ``tspo.rollout.RolloutConfig`` (turn limits, top-k, chat template); sampling
+    settings in it are ignored because decoding is greedy.
+    """
+    import torch
+
+    from tspo.rollout import RolloutConfig, RolloutEngine
+
+    rollout = rollout or RolloutConfig()
+    engine = RolloutEngine(model, tokenizer, retriever, rollout)
+    trajectories: list[Trajectory] = []
+    with progress_bar(disable=not show_progress) as progress:
+        task = progress.add_task("evaluating", total=len(examples))
+        for start in range(0, len(examples), batch_size):
+            chunk = list(examples[start : start + batch_size])
+            with torch.no_grad():
+                batch = engine.generate(chunk, 1, greedy=True)
+            trajectories.extend(batch.trajectories)
+            progress.update(task, advance=len(chunk))
+    settings = {
+        "max_turns": rollout.max_turns,
+        "max_turn_tokens": rollout.max_turn_tokens,
+        "max_obs_tokens": rollout.max_obs_tokens,
+        "topk": rollout.topk,
+        "use_chat_template": rollout.use_chat_template,
+        "decoding": "greedy",
+    }
+    return EvalResult(scores_by_source(trajectories), trajectories, settings)
+
+
+def markdown_table(scores: dict[str, dict[str, float]]) -> str:
+    """The scores as a Markdown table, one row per data source and ``overall`` last."""
+    lines = [
+        "| data source | questions | EM | F1 | turns | searches | answered |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for source, row in scores.items():
+        name = f"**{source}**" if source == OVERALL else source
+        lines.append(
+            f"| {name} | {int(row['count'])} | {row['em']:.3f} | {row['f1']:.3f} | "
+            f"{row['turns']:.2f} | {row['searches']:.2f} | {row['answered']:.3f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def trajectory_record(trajectory: Trajectory) -> dict[str, Any]:
+    return {
+        "id": trajectory.example_id,
+        "data_source": trajectory.data_source,
+        "question": trajectory.question,
+        "golds": trajectory.golds,
+        "response": trajectory.response_text,
+        "queries": trajectory.queries,
+        "final_answer": trajectory.final_answer,
+        "em": trajectory.outcome,
+        "f1": trajectory.f1,
+        "first_hit_turn": trajectory.first_hit_turn,
+        "turns": trajectory.num_turns,
+        "searches": trajectory.num_searches,
+    }
+
+
+def write_report(result: EvalResult, out_dir: str | Path, *, meta: dict[str, Any]) -> Path:
+    """Write ``eval.json``, ``eval.md`` and ``trajectories.jsonl`` into ``out_dir``."""
+    import json
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json(
+        out_dir / "eval.json", {**meta, "settings": result.settings, "scores": result.scores}
+    )
+    title = f"# Evaluation of `{meta.get('model', 'model')}`\n\n"
+    atomic_write_text(out_dir / "eval.md", title + markdown_table(result.scores))
+    atomic_write_text(
+        out_dir / "trajectories.jsonl",
+        "".join(json.dumps(trajectory_record(t)) + "\n" for t in result.trajectories),
+    )
+    return out_dir
+
+
+def load_eval_examples(paths: Sequence[str | Path], limit: int | None = None) -> list[QAExample]:
+    """Questions from QA files (the first ``limit`` of each file when given)."""
+    from tspo.data.qa import read_qa
+    from tspo.errors import TSPOError
+
+    examples: list[QAExample] = []
+    for path in paths:
+        if not Path(path).is_file():
+            raise TSPOError(f"--data: no such file {path}")
+        examples.extend(read_qa(path)[:limit])
+    if not examples:
+        raise TSPOError("--data: the files hold no questions")
+    return examples
+
+
+def run_eval(
+    model_path: str,
+    data_files: Sequence[str | Path],
+    *,
+    retriever: Retriever,
+    out_dir: str | Path | None = None,
+    rollout: Any = None,
+    dtype: str = "float32",
+    device: str = "auto",
+    batch_size: int = 16,
+    limit: int | None = None,
+    show_progress: bool = True,
+) -> EvalResult:
+    """Load ``model_path`` and evaluate it on ``data_files``; with ``out_dir``, write the report."""
+    from tspo.models.loading import load_policy
+
+    model, tokenizer = load_policy(model_path, dtype, device)
+    examples = load_eval_examples(data_files, limit)
+    result = evaluate(
+        model,
+        tokenizer,
+        retriever,
+        examples,
+        rollout=rollout,
+        batch_size=batch_size,
+        show_progress=show_progress,
+    )
+    if out_dir is not None:
+        meta = {"model": str(model_path), "data": [str(p) for p in data_files]}
+        write_report(result, out_dir, meta=meta)
+    return result
