@@ -8,7 +8,7 @@ Questions are generated deterministically from the extracts:
 
 - **single-hop**: the first sentence of an article with its subject removed ("Who was an English
   scholastic philosopher, ...?"); the answer is the article's subject.
-- **bridge** (two hops): "Which <kind of A> has a Wikipedia summary that mentions <clue for B>?",
+- **bridge** (two hops): "Which <kind of A> has a summary that mentions <clue for B>?",
   where A's extract names B and B has its own article. The clue for B is B's own first-sentence
   description, so a searcher first finds B from the clue, then the article A that mentions B. The
   answer is A's subject; B's name never appears in the question.
@@ -47,8 +47,7 @@ MAX_PREDICATE_WORDS = 30
 MAX_CLUE_WORDS = 12
 MAX_TITLE_WORDS = 6
 
-_WHITESPACE = re.compile(r"\s+")
-_SPACE_BEFORE_PUNCT = re.compile(r"\s+([,.;:!?])")
+_SPACE_BEFORE_PUNCT = re.compile(r" ([,.;:!?])")
 _PARENTHETICAL = re.compile(r"\s*[(\[][^()\[\]]*[)\]]")
 # A sentence ends at ". " before a capital or digit, except after an initial ("Arthur C. Clarke",
 # "U.S.") or a common abbreviation.
@@ -112,7 +111,7 @@ def wiki_data_path() -> Path:
 
 def clean_text(text: str) -> str:
     """Collapse white space, including the gaps left where the source dropped formulas."""
-    return _SPACE_BEFORE_PUNCT.sub(r"\1", _WHITESPACE.sub(" ", text)).strip()
+    return _SPACE_BEFORE_PUNCT.sub(r"\1", " ".join(text.split()))
 
 
 def load_wiki_articles(path: str | Path | None = None) -> list[WikiArticle]:
@@ -355,7 +354,8 @@ def bridge_question(
     if contains_alias(answer.article.title, bridge.article.title):
         return None  # "Sea" inside "The Old Man and the Sea" is no hop
     kind = lower_first(answer.article.description, lowercase_words)
-    question = f"Which {kind} has a Wikipedia summary that mentions {bridge.clue}?"
+    # Not "Wikipedia summary": the corpus has a "Wikipedia" article, which every query would hit.
+    question = f"Which {kind} has a summary that mentions {bridge.clue}?"
     if not aliases_outside(question, answer.alias_keys + bridge.alias_keys):
         return None
     return question
@@ -376,10 +376,9 @@ def generate_wiki_qa(articles: Sequence[WikiArticle], seed: int) -> list[QAExamp
     corpus_words = set(_WORD.findall("\n".join(article.extract for article in articles)))
     lowercase_words = frozenset(word for word in corpus_words if word.islower())
     mentions = {item.index: finder.mentions(item.article.extract) for item in items}
+    kind_keys = [normalize_text(item.article.description) for item in items]
     mentioned_by_kind = Counter(
-        (normalize_text(items[a].article.description), b)
-        for a, bridges in mentions.items()
-        for b in bridges
+        (kind_keys[a], b) for a, bridges in mentions.items() for b in bridges
     )
     rng = random.Random(seed)
     examples: list[QAExample] = []
@@ -388,7 +387,7 @@ def generate_wiki_qa(articles: Sequence[WikiArticle], seed: int) -> list[QAExamp
         question = single_hop_question(item)
         if question is not None:
             examples.append(_example("single", item, question, meta))
-        kind_key = normalize_text(item.article.description)
+        kind_key = kind_keys[item.index]
         candidates = [
             (question, items[b])
             for b in mentions[item.index]
@@ -402,8 +401,9 @@ def generate_wiki_qa(articles: Sequence[WikiArticle], seed: int) -> list[QAExamp
             )
     # Two articles can open with the same words ("What is a genus of plants?"): such a question
     # has no single answer, so every copy goes.
-    repeats = Counter(normalize_text(ex.question) for ex in examples)
-    return [ex for ex in examples if repeats[normalize_text(ex.question)] == 1]
+    keys = [normalize_text(ex.question) for ex in examples]
+    repeats = Counter(keys)
+    return [ex for ex, key in zip(examples, keys, strict=True) if repeats[key] == 1]
 
 
 def _example(kind: str, item: _Analysed, question: str, metadata: dict[str, str]) -> QAExample:
