@@ -151,3 +151,16 @@ def test_abbreviations_match_with_or_without_dots():
     question = "Which country launched the probe?"
     assert first_occurrence_turn(question, ["U.S.A."], [doc("The USA launched it.")]) == 0
     assert first_occurrence_turn(question, ["USA"], [doc("The U.S.A. launched it.")]) == 0
+
+
+def test_an_alias_whose_spaced_form_is_too_short_matches_only_as_a_whole():
+    # "A-ha" with punctuation as spaces is "ha" (the article goes); that form must not match "ha".
+    question = "Which band recorded Take On Me?"
+    assert first_occurrence_turn(question, ["A-ha"], [doc("He laughed: ha ha.")]) == -1
+    assert first_occurrence_turn(question, ["A-ha"], [doc("It was a-ha, in 1985.")]) == 0
+
+
+def test_abbreviation_with_an_article_letter_does_not_match_its_prefix():
+    # "U.S.A." split at the dots is "u s a", and "a" is an article: "u s" must not match "U.S.".
+    question = "Which country launched the probe?"
+    assert first_occurrence_turn(question, ["U.S.A."], [doc("The U.S. Army launched it.")]) == -1

@@ -50,11 +50,22 @@ class MatchForms:
             text = text.replace(tag, " ")
         return cls(normalize_answer(text), normalize_answer(text.translate(_PUNCTUATION_TO_SPACE)))
 
+    def spaced_keeps_every_letter(self) -> bool:
+        """False when splitting at punctuation freed an article that normalisation then dropped.
+
+        "A-ha" spaced is "ha" and "U.S.A." spaced is "u s": such a form would match unrelated words.
+        """
+        return self.spaced.replace(" ", "") == self.deleted.replace(" ", "")
+
     def contains(self, alias: MatchForms) -> bool:
         """Whether ``alias`` occurs here as whole words, in either form."""
         return contains_phrase(self.deleted, alias.deleted) or contains_phrase(
             self.spaced, alias.spaced
         )
+
+
+def _too_weak(normalized_alias: str, min_answer_chars: int) -> bool:
+    return len(normalized_alias) < min_answer_chars or normalized_alias in YES_NO_ANSWERS
 
 
 def usable_aliases(
@@ -65,8 +76,10 @@ def usable_aliases(
     aliases: list[MatchForms] = []
     for gold in golds:
         alias = MatchForms.of(gold)
-        if len(alias.deleted) < min_answer_chars or alias.deleted in YES_NO_ANSWERS:
+        if _too_weak(alias.deleted, min_answer_chars):
             continue
+        if not alias.spaced_keeps_every_letter() or _too_weak(alias.spaced, min_answer_chars):
+            alias = MatchForms(alias.deleted, "")
         if question_forms.contains(alias) or alias in aliases:
             continue
         aliases.append(alias)
