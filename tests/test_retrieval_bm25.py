@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib.util
 
+import bm25s
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -11,7 +13,7 @@ from retrieval_helpers import TOPICS, corpus_docs
 
 from tspo.errors import TSPOError
 from tspo.retrieval.base import Hit
-from tspo.retrieval.bm25 import BM25Retriever
+from tspo.retrieval.bm25 import BM25Retriever, tokenize
 
 RETRIEVER = BM25Retriever.from_docs(corpus_docs())
 
@@ -82,3 +84,31 @@ def test_stemmer_matches_inflected_forms(tmp_path):
     assert stemmed.search(["painting"], topk=1)[0][0].title == "Mona Lisa"
     stemmed.save(tmp_path / "idx")
     assert BM25Retriever.load(tmp_path / "idx").stemmer_name == "english"
+
+
+@pytest.mark.parametrize("method", ["lucene", "bm25+"])
+def test_batched_scores_equal_bm25s_one_query_at_a_time(method):
+    retriever = BM25Retriever.from_docs(corpus_docs())
+    if method != "lucene":
+        retriever.model = bm25s.BM25(method=method)
+        retriever.model.index(
+            [tokenize(c) for c in retriever.table.contents_list()], show_progress=False
+        )
+        retriever = BM25Retriever(retriever.model, retriever.table)
+    queries = ["capital of france and japan", "planet planet rings", "the", "unknownword"]
+    batched = retriever.scores(queries)
+    assert batched.shape == (len(queries), len(TOPICS))
+    for row, query in enumerate(queries):
+        tokens = tokenize(query)
+        expected = (
+            retriever.model.get_scores(tokens) if tokens else np.zeros(len(TOPICS), np.float32)
+        )
+        np.testing.assert_allclose(batched[row], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_large_batches_are_scored_in_blocks(monkeypatch):
+    monkeypatch.setattr("tspo.retrieval.bm25.MAX_SCORE_CELLS", len(TOPICS) * 2)
+    queries = [query for _, _, query in TOPICS]
+    blocked = RETRIEVER.search(queries, topk=2)
+    monkeypatch.undo()
+    assert blocked == RETRIEVER.search(queries, topk=2)
