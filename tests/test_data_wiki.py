@@ -22,10 +22,10 @@ from tspo.data.corpus import read_corpus
 from tspo.data.qa import QAExample, read_qa
 from tspo.data.wiki import (
     SPLITS,
+    AnalysedArticle,
     FirstSentence,
     TitleFinder,
     WikiArticle,
-    _Analysed,
     build_wiki_dataset,
     clip_phrase,
     contains_alias,
@@ -292,7 +292,7 @@ def test_gold_aliases() -> None:
 def test_title_finder() -> None:
     titles = ["New York", "New York City", "Mercury (planet)", "Mercury (element)", "Book", "Mali"]
     items = [
-        _Analysed(i, WikiArticle(title, "x", "", ""), None, [title])
+        AnalysedArticle(i, WikiArticle(title, "x", "", ""), None, [title])
         for i, title in enumerate(titles)
     ]
     finder = TitleFinder(items)

