@@ -134,6 +134,8 @@ def read_searchr1_parquet(path: str | Path) -> list[QAExample]:
     if table.num_rows == 0:
         raise TSPOError(f"{path}: empty file (no rows)")
     wanted = [*SEARCHR1_COLUMNS, "id", "question", "extra_info"]
+    if "question" in table.column_names and table.column("question").null_count == 0:
+        wanted.remove("prompt")  # the questions are all there: skip parsing the long prompts
     columns = {
         name: table.column(name).to_pylist() for name in wanted if name in table.column_names
     }
