@@ -274,6 +274,7 @@ def test_lower_first_keeps_proper_adjectives() -> None:
     assert lower_first("French painter", common) == "French painter"
     assert lower_first("UNESCO site", frozenset({"unesco"})) == "unesco site"
     assert lower_first("painting", common) == "painting"
+    assert lower_first("Holy Roman Emperor", frozenset({"holy"})) == "Holy Roman Emperor"
 
 
 def test_gold_aliases() -> None:

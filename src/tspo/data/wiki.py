@@ -201,13 +201,15 @@ def clip_phrase(text: str, max_words: int, *, first_clause: bool = False) -> str
 
 def lower_first(text: str, lowercase_words: frozenset[str]) -> str:
     """``text`` with its first letter lower-cased when its first word is a common word, i.e. one
-    the corpus also writes in lower case ("Capital city" -> "capital city", "French painter"
-    stays)."""
-    first_word = text.split(" ", 1)[0]
-    lowered = first_word.lower()
-    if first_word == lowered or lowered not in lowercase_words:
+    the corpus also writes in lower case, and does not open a longer name ("Capital city" ->
+    "capital city"; "French painter" and "Holy Roman Emperor" stay)."""
+    words = text.split(" ", 2)
+    lowered = words[0].lower()
+    if words[0] == lowered or lowered not in lowercase_words:
         return text
-    return lowered + text[len(first_word) :]
+    if len(words) > 1 and words[1][:1].isupper():
+        return text
+    return lowered + text[len(words[0]) :]
 
 
 def title_base(title: str) -> str:
