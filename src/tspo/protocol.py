@@ -122,9 +122,24 @@ def extract_last_answer(response: str) -> str | None:
     return response[open_at + len(ANSWER_OPEN) : close_at].strip()
 
 
+def strip_protocol_tags(text: str) -> str:
+    """``text`` with every protocol tag removed.
+
+    Retrieved documents go through this, so a passage containing ``</answer>`` or
+    ``<information>`` can never be parsed as an action, an answer or an observation boundary.
+    """
+    for tag in PROTOCOL_TAGS:
+        if tag in text:
+            text = text.replace(tag, " ")
+    return text
+
+
 def format_documents(docs: Sequence[tuple[str, str]]) -> str:
-    """``Doc i(Title: T) text`` lines for (title, text) pairs, numbered from 1."""
-    return "\n".join(f"Doc {i}(Title: {title}) {text}" for i, (title, text) in enumerate(docs, 1))
+    """``Doc i(Title: T) text`` lines for (title, text) pairs, numbered from 1, tags stripped."""
+    return "\n".join(
+        f"Doc {i}(Title: {strip_protocol_tags(title)}) {strip_protocol_tags(text)}"
+        for i, (title, text) in enumerate(docs, 1)
+    )
 
 
 def wrap_information(observation: str) -> str:
