@@ -58,6 +58,7 @@ def train_tokenizer(
     *,
     min_frequency: int = 2,
     extra_tokens: Iterable[str] = (),
+    protocol_tags: bool = True,
 ) -> Any:
     """A byte-level BPE ``PreTrainedTokenizerFast`` trained on ``texts``.
 
@@ -65,12 +66,13 @@ def train_tokenizer(
     ``decode(encode(x)) == x`` for any text. The protocol tags (and ``extra_tokens``) are single
     added tokens that are *not* special, so decoding keeps them. ``<|pad|>`` pads and
     ``<|endoftext|>`` ends a sequence. Save with ``save_pretrained``, load with ``AutoTokenizer``.
+    ``protocol_tags=False`` leaves the tags to BPE, so they span several tokens as in real LMs.
     """
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     special = [PAD_TOKEN, EOS_TOKEN]
-    tags = list(dict.fromkeys([*PROTOCOL_TAGS, *extra_tokens]))
+    tags = list(dict.fromkeys([*(PROTOCOL_TAGS if protocol_tags else ()), *extra_tokens]))
     floor = len(special) + len(tags) + 256
     if vocab_size < floor:
         raise TSPOError(
@@ -88,12 +90,10 @@ def train_tokenizer(
         show_progress=False,
     )
     backend.train_from_iterator(texts, trainer=trainer)
-    backend.add_tokens(
-        [
-            AddedToken(t, single_word=False, lstrip=False, rstrip=False, normalized=False)
-            for t in tags
-        ]
-    )
+    if tags:
+        backend.add_tokens(
+            [AddedToken(t, lstrip=False, rstrip=False, normalized=False) for t in tags]
+        )
     return PreTrainedTokenizerFast(
         tokenizer_object=backend,
         pad_token=PAD_TOKEN,

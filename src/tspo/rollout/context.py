@@ -1,0 +1,102 @@
+"""A batch of token streams held in one KV cache, each stream growing at its own pace.
+
+Columns of the cache are shared by the batch; a row that has nothing to add in a forward pass gets
+a *hole*: a column whose attention-mask entry is 0. Position ids count only a row's real tokens,
+so RoPE sees every stream as if it were alone and unpadded. ``compact`` squeezes the holes out of
+the cache between turns (keys already carry their rotary positions, so moving columns is exact).
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+from transformers import DynamicCache, LlamaForCausalLM
+
+# transformers renamed ``past_key_values`` to ``cache`` during 5.x; use whichever this version has
+# (decided once from a stock model class, so wrapped models with ``**kwargs`` forwards work too).
+CACHE_KWARG = (
+    "cache"
+    if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters
+    else "past_key_values"
+)
+
+
+class CachedContext:
+    """The KV cache, attention mask and next position of B token streams.
+
+    ``mask`` is (B, L) long over the cache's L columns; ``positions`` (B,) is the number of real
+    tokens of each row, i.e. the position id its next token gets.
+    """
+
+    def __init__(self, model: torch.nn.Module, pad_id: int, batch_size: int):
+        self.model = model
+        self.pad_id = pad_id
+        self.device = next(model.parameters()).device
+        self.cache = DynamicCache(config=model.config)
+        self.mask = torch.zeros(batch_size, 0, dtype=torch.long, device=self.device)
+        self.positions = torch.zeros(batch_size, dtype=torch.long, device=self.device)
+
+    @property
+    def batch_size(self) -> int:
+        return self.mask.shape[0]
+
+    @torch.no_grad()
+    def extend(self, chunks: list[list[int]]) -> torch.Tensor:
+        """Append ``chunks[b]`` to row b (left-padded with holes) and return (B, V) logits.
+
+        The logits of row b predict the token after its last real token; rows with an empty chunk
+        get only holes and garbage logits.
+        """
+        width = max(len(c) for c in chunks)
+        ids = torch.full((self.batch_size, width), self.pad_id, dtype=torch.long)
+        new_mask = torch.zeros(self.batch_size, width, dtype=torch.long)
+        for row, chunk in enumerate(chunks):
+            if chunk:
+                ids[row, width - len(chunk) :] = torch.tensor(chunk, dtype=torch.long)
+                new_mask[row, width - len(chunk) :] = 1
+        return self._forward(ids.to(self.device), new_mask.to(self.device))
+
+    @torch.no_grad()
+    def step(self, tokens: torch.Tensor, fed: torch.Tensor) -> torch.Tensor:
+        """Append one token per row where ``fed`` (B,) is set, a hole elsewhere; (B, V) logits."""
+        ids = torch.where(fed, tokens, torch.full_like(tokens, self.pad_id))
+        return self._forward(ids[:, None], fed.long()[:, None])
+
+    def _forward(self, ids: torch.Tensor, new_mask: torch.Tensor) -> torch.Tensor:
+        # Real tokens take consecutive positions after the row's last real token; holes repeat
+        # the current position (their value is never attended to).
+        position_ids = self.positions[:, None] + (new_mask.cumsum(dim=1) - new_mask).clamp_(min=0)
+        self.mask = torch.cat([self.mask, new_mask], dim=1)
+        out = self.model(
+            input_ids=ids,
+            attention_mask=self.mask,
+            position_ids=position_ids,
+            use_cache=True,
+            **{CACHE_KWARG: self.cache},
+            logits_to_keep=1,
+        )
+        self.positions = self.positions + new_mask.sum(dim=1)
+        return out.logits[:, -1, :]
+
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep only ``rows`` (1-D long index), in that order."""
+        rows = rows.to(self.device)
+        self.cache.batch_select_indices(rows)
+        self.mask = self.mask.index_select(0, rows)
+        self.positions = self.positions.index_select(0, rows)
+
+    def compact(self) -> None:
+        """Move each row's real columns to the right; drop columns that are holes in every row."""
+        if self.mask.shape[1] == 0:
+            return
+        width = int(self.positions.max())
+        if width == self.mask.shape[1]:
+            return
+        # Stable sort on the mask puts holes first and keeps real columns in order.
+        order = self.mask.sort(dim=1, stable=True).indices[:, -width:]
+        for layer in self.cache.layers:
+            index = order[:, None, :, None].expand(-1, layer.keys.shape[1], -1, layer.keys.shape[3])
+            layer.keys = layer.keys.gather(2, index)
+            layer.values = layer.values.gather(2, index)
+        self.mask = self.mask.gather(1, order)

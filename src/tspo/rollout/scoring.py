@@ -1,0 +1,29 @@
+"""Scoring a finished trajectory: outcome EM and F1 of its last answer, and FOLR's k*."""
+
+from __future__ import annotations
+
+from tspo.algo import exact_match, f1_score, first_occurrence_turn
+from tspo.protocol import extract_last_answer
+from tspo.rollout.batch import Trajectory
+
+
+def score_trajectory(
+    trajectory: Trajectory, *, detect_in: str = "retrieved", min_answer_chars: int = 2
+) -> Trajectory:
+    """Fill ``final_answer``, ``outcome``, ``f1`` and ``first_hit_turn`` in place; return it.
+
+    The answer is the last ``<answer>`` of the response (never the prompt, which shows an example).
+    """
+    answer = extract_last_answer(trajectory.response_text)
+    trajectory.final_answer = answer
+    trajectory.outcome = exact_match(answer, trajectory.golds)
+    trajectory.f1 = f1_score(answer, trajectory.golds)
+    trajectory.first_hit_turn = first_occurrence_turn(
+        trajectory.question,
+        trajectory.golds,
+        trajectory.observations,
+        trajectory.generated,
+        detect_in=detect_in,
+        min_answer_chars=min_answer_chars,
+    )
+    return trajectory
