@@ -11,6 +11,7 @@ import asyncio
 import hmac
 import json
 import os
+import sys
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -325,9 +326,16 @@ def serve(
     """
     import uvicorn
 
-    from tspo.retrieval.index import load_retriever
+    from tspo.retrieval.index import load_retriever, read_manifest
 
     retriever = load_retriever(index_dir)
+    manifest = read_manifest(index_dir)
+    print(
+        f"serving the {manifest['kind']} index {index_dir} ({manifest['doc_count']} documents) "
+        f"at http://{host}:{port}/retrieve",
+        file=sys.stderr,
+        flush=True,
+    )
     app = create_app(
         retriever, default_topk=topk, token=token or os.environ.get(TOKEN_ENV) or None, **limits
     )
