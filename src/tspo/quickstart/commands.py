@@ -1,1 +1,154 @@
-"""CLI commands for this area (registered on tspo.cli_apps)."""
+"""CLI commands: ``tspo data world``, ``tspo sft``, ``tspo quickstart``, ``tspo compare``."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import typer
+
+from tspo.cli_apps import app, data_app
+
+WORLD_SIZES = "tiny|small|medium|large"
+
+
+@data_app.command("world")
+def world(
+    out: Path = typer.Option(..., "--out", help="Folder for corpus.jsonl, the splits, world.json."),
+    seed: int = typer.Option(0, "--seed", help="Seed: the same seed always gives the same world."),
+    size: str = typer.Option("small", "--size", help=f"World size: {WORLD_SIZES}."),
+) -> None:
+    """Generate the synthetic search world: made-up entities, a corpus, 1-3 hop questions.
+
+    Writes corpus.jsonl (id, contents), train/dev/test.jsonl (FlashRAG) split by subject entity,
+    and world.json (entities and question chains, for the scripted expert).
+    """
+    from rich.console import Console
+
+    from tspo.data.world import generate_world, write_world
+
+    generated = generate_world(seed, size)
+    paths = write_world(generated, out)
+    counts = ", ".join(f"{split} {len(qs)}" for split, qs in generated.questions.items())
+    Console().print(
+        f"{len(generated.documents)} documents -> {paths['corpus']}; questions: {counts} "
+        f"-> {out}/{{train,dev,test}}.jsonl"
+    )
+
+
+@app.command("sft")
+def sft(
+    world_dir: Path = typer.Option(..., "--world", help="Folder written by `tspo data world`."),
+    out: Path = typer.Option(..., "--out", help="Folder for the HF checkpoint (model+tokenizer)."),
+    index: Path | None = typer.Option(
+        None, "--index", help="BM25 index of the world's corpus; built in memory when omitted."
+    ),
+    epochs: int = typer.Option(3, "--epochs", help="Passes over the expert episodes."),
+    lr: float = typer.Option(2e-3, "--lr", help="Peak learning rate (AdamW, cosine decay)."),
+    early_answer: float = typer.Option(
+        0.6, "--early-answer", help="How often the expert answers one hop too early."
+    ),
+    wrong_query: float = typer.Option(
+        0.15, "--wrong-query", help="How often the expert searches a near-duplicate name."
+    ),
+    seed: int = typer.Option(0, "--seed", help="Seed for the expert, the model and SFT."),
+) -> None:
+    """Warm-start a tiny policy: train a tokenizer on the world, build a small Qwen2-style model,
+    and fine-tune it on noisy scripted-expert episodes (loss on the model's own tokens only).
+    """
+    from rich.console import Console
+
+    from tspo.data.world import CORPUS_FILE, load_world
+    from tspo.quickstart.pipeline import train_policy
+    from tspo.quickstart.settings import PolicyStage
+    from tspo.sft import SFTConfig
+    from tspo.train.components import open_retriever
+
+    loaded = load_world(world_dir)
+    retriever = open_retriever(
+        index=str(index) if index else None,
+        corpus=None if index else str(world_dir / CORPUS_FILE),
+    )
+    settings = PolicyStage(
+        early_answer=early_answer,
+        wrong_query=wrong_query,
+        sft=replace(SFTConfig(), epochs=epochs, lr=lr, seed=seed),
+        seed=seed,
+    )
+    info = train_policy(loaded, retriever, settings, out)
+    retriever.close()
+    Console().print(
+        f"{info['parameters']:,} parameters, {info['episodes']} episodes (expert EM "
+        f"{info['expert_em']:.2f}), loss {info['sft_loss_first']:.2f} -> "
+        f"{info['sft_loss_last']:.2f} -> {out}"
+    )
+
+
+@app.command("quickstart")
+def quickstart(
+    out: Path = typer.Option(Path("runs/quickstart"), "--out", help="Run folder."),
+    fresh: bool = typer.Option(False, "--fresh", help="Start over instead of reusing stages."),
+    steps: int | None = typer.Option(None, "--steps", help="RL steps (default 40)."),
+    size: str = typer.Option("small", "--size", help=f"World size: {WORLD_SIZES}."),
+    estimator: str = typer.Option("tspo", "--estimator", help="Advantage estimator for RL."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the world, the policy and RL."),
+) -> None:
+    """Train a small search agent end to end on CPU and write a report.
+
+    world -> BM25 index -> SFT on a noisy expert -> RL -> greedy evaluation of the SFT start and
+    the final policy on held-out test entities -> OUT/report.md with a before/after table, plots
+    and example trajectories. Reruns reuse the world, index and SFT stages.
+    """
+    from tspo.quickstart.run import run_quickstart
+    from tspo.quickstart.settings import QuickstartSettings
+
+    settings = QuickstartSettings()
+    rl = replace(settings.rl, estimator=estimator, seed=seed)
+    if steps is not None:
+        rl = replace(rl, steps=steps)
+    settings = replace(
+        settings,
+        world=replace(settings.world, size=size, seed=seed),
+        policy=replace(settings.policy, seed=seed),
+        rl=rl,
+    )
+    run_quickstart(out, settings, fresh=fresh)
+
+
+@app.command("compare")
+def compare(
+    estimators: str = typer.Option(
+        "grpo,folr_scalar,tspo,tspo_switch", "--estimators", help="Comma-separated estimators."
+    ),
+    seeds: int = typer.Option(3, "--seeds", help="RL seeds per estimator (same SFT start)."),
+    steps: int | None = typer.Option(None, "--steps", help="RL steps per run (default 40)."),
+    eval_every: int = typer.Option(10, "--eval-every", help="Evaluate test EM every N steps."),
+    eval_examples: int = typer.Option(
+        90, "--eval-examples", help="Size of the fixed test subset evaluated along the way."
+    ),
+    size: str = typer.Option("small", "--size", help=f"World size: {WORLD_SIZES}."),
+    out: Path = typer.Option(Path("runs/compare"), "--out", help="Run folder."),
+    fresh: bool = typer.Option(False, "--fresh", help="Start over instead of reusing stages."),
+) -> None:
+    """Compare advantage estimators from one SFT start over several seeds.
+
+    Writes OUT/report.md with mean ± std curves (test EM, reward std within groups, zero-signal
+    groups, near-miss rate) and a table of final test EM and steps to reach GRPO's final EM.
+    """
+    from tspo.errors import TSPOError
+    from tspo.quickstart.compare import run_compare
+    from tspo.quickstart.settings import QuickstartSettings
+
+    names = [name.strip() for name in estimators.split(",") if name.strip()]
+    if not names:
+        raise TSPOError("--estimators: give at least one estimator name")
+    if seeds < 1:
+        raise TSPOError("--seeds must be >= 1")
+    settings = QuickstartSettings()
+    settings = replace(
+        settings,
+        world=replace(settings.world, size=size),
+        rl=replace(settings.rl, steps=steps or settings.rl.steps),
+        eval=replace(settings.eval, max_examples=eval_examples),
+    )
+    run_compare(out, settings, names, seeds=seeds, eval_every=eval_every, fresh=fresh)

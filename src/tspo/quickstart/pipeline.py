@@ -1,0 +1,345 @@
+"""The quickstart's stages: world -> BM25 index -> SFT policy -> RL -> evaluation.
+
+Each stage writes into its own folder under the run folder and records a fingerprint of its
+inputs in ``stage.json``; a rerun reuses a stage whose fingerprint matches (``fresh`` starts over).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from tspo.data.qa import QAExample
+from tspo.errors import TSPOError
+from tspo.quickstart.settings import PolicyStage, QuickstartSettings, RLStage, fingerprint
+from tspo.retrieval.base import Retriever
+from tspo.utils import progress_bar, write_json
+
+STAGE_FILE = "stage.json"
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    """The folders and files of one quickstart run."""
+
+    root: Path
+
+    @property
+    def world(self) -> Path:
+        return self.root / "world"
+
+    @property
+    def index(self) -> Path:
+        return self.root / "index"
+
+    @property
+    def sft(self) -> Path:
+        return self.root / "sft"
+
+    @property
+    def rl(self) -> Path:
+        return self.root / "rl"
+
+    @property
+    def evals(self) -> Path:
+        return self.root / "eval"
+
+    @property
+    def img(self) -> Path:
+        return self.root / "img"
+
+    @property
+    def report(self) -> Path:
+        return self.root / "report.md"
+
+
+def stage_record(folder: Path) -> dict[str, Any] | None:
+    """What a finished stage recorded about itself, or None if it never finished."""
+    path = folder / STAGE_FILE
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except ValueError:
+        return None
+
+
+def is_done(folder: Path, stage_fingerprint: str) -> bool:
+    record = stage_record(folder)
+    return record is not None and record.get("fingerprint") == stage_fingerprint
+
+
+def mark_done(folder: Path, stage_fingerprint: str, **info: Any) -> None:
+    write_json(folder / STAGE_FILE, {"fingerprint": stage_fingerprint, **info})
+
+
+def reset(folder: Path) -> None:
+    """Remove a stage folder so it is rebuilt from scratch."""
+    if folder.exists():
+        shutil.rmtree(folder)
+
+
+# ---------------------------------------------------------------------------------------------
+# Stages
+
+
+def ensure_world(paths: RunPaths, settings: QuickstartSettings, console: Console) -> Any:
+    """Generate and write the world unless an identical one is already there."""
+    from tspo.data.world import generate_world, load_world, write_world
+
+    stage_fp = fingerprint(settings.world)
+    if is_done(paths.world, stage_fp):
+        console.print(f"  reusing the world in {paths.world}")
+        return load_world(paths.world)
+    reset(paths.world)
+    world = generate_world(settings.world.seed, settings.world.size)
+    write_world(world, paths.world)
+    counts = {split: len(qs) for split, qs in world.questions.items()}
+    mark_done(paths.world, stage_fp, documents=len(world.documents), questions=counts)
+    console.print(f"  {len(world.documents)} documents, questions {counts} -> {paths.world}")
+    return world
+
+
+def ensure_index(paths: RunPaths, settings: QuickstartSettings, console: Console) -> Retriever:
+    """Build the BM25 index of the world's corpus (reused when the world is unchanged)."""
+    from tspo.data.world import CORPUS_FILE
+    from tspo.retrieval.index import build_index, load_retriever
+
+    stage_fp = fingerprint(settings.world, "bm25")
+    if is_done(paths.index, stage_fp):
+        console.print(f"  reusing the index in {paths.index}")
+    else:
+        reset(paths.index)
+        build_index(paths.world / CORPUS_FILE, "bm25", paths.index, show_progress=False)
+        mark_done(paths.index, stage_fp)
+        console.print(f"  BM25 index -> {paths.index}")
+    return load_retriever(paths.index)
+
+
+def tokenizer_texts(world: Any, episodes: list[Any]) -> list[str]:
+    """What the tokenizer learns from: the world's text, the protocol's text, expert turns."""
+    from tspo.data.world import iter_world_text
+    from tspo.protocol import INVALID_ACTION_MESSAGE, PROMPT_TEMPLATE
+
+    texts = list(iter_world_text(world))
+    texts += [PROMPT_TEMPLATE, INVALID_ACTION_MESSAGE]
+    texts += [turn for episode in episodes for turn in episode.generated]
+    return texts
+
+
+def expert_episodes(
+    world: Any, retriever: Retriever, policy: PolicyStage, rollout_topk: int, max_turns: int
+) -> list[Any]:
+    """``policy.expert_passes`` noisy expert episodes for every training question."""
+    from tspo.data.expert import ExpertNoise, run_expert
+    from tspo.data.world import qa_examples
+
+    noise = ExpertNoise(
+        early_answer=policy.early_answer, wrong_query=policy.wrong_query, recover=policy.recover
+    )
+    train = qa_examples(world, "train")
+    episodes = []
+    for run in range(policy.expert_passes):
+        episodes += run_expert(
+            world,
+            train,
+            retriever,
+            noise=noise,
+            seed=policy.seed * 1000 + run,
+            topk=rollout_topk,
+            max_turns=max_turns,
+        )
+    return episodes
+
+
+def train_policy(
+    world: Any,
+    retriever: Retriever,
+    policy: PolicyStage,
+    out_dir: Path,
+    *,
+    topk: int = 3,
+    max_turns: int = 4,
+    show_progress: bool = True,
+) -> dict[str, Any]:
+    """Tokenizer + tiny model + SFT on noisy expert episodes; saves an HF folder to ``out_dir``.
+
+    Returns facts for the report: episode count, the noisy expert's own EM, SFT losses.
+    """
+    from tspo.algo import exact_match
+    from tspo.models.tiny import build_tiny_model, count_parameters, train_tokenizer
+    from tspo.sft import encode_episode, save_policy, train_sft
+    from tspo.utils import set_seed
+
+    set_seed(policy.seed)
+    episodes = expert_episodes(world, retriever, policy, topk, max_turns)
+    tokenizer = train_tokenizer(tokenizer_texts(world, episodes), vocab_size=policy.vocab_size)
+    model = build_tiny_model(
+        tokenizer, policy.model_preset, seed=policy.seed, **policy.model_overrides
+    )
+    examples = [
+        encode_episode(
+            tokenizer,
+            e.example.question,
+            e.generated,
+            e.observations,
+            max_obs_tokens=policy.sft.max_obs_tokens,
+            use_chat_template=policy.sft.use_chat_template,
+        )
+        for e in episodes
+    ]
+    with progress_bar(disable=not show_progress) as progress:
+        task = progress.add_task("SFT", total=None)
+
+        def on_step(step: int, total: int, loss: float) -> None:
+            progress.update(task, completed=step, total=total, description=f"SFT (loss {loss:.3f})")
+
+        losses = train_sft(
+            model, examples, policy.sft, pad_id=tokenizer.pad_token_id, on_step=on_step
+        )
+    save_policy(model, tokenizer, out_dir)
+    expert_em = sum(exact_match(e.final_answer or "", e.example.golds) for e in episodes)
+    return {
+        "episodes": len(episodes),
+        "expert_em": expert_em / max(1, len(episodes)),
+        "parameters": count_parameters(model),
+        "vocab_size": len(tokenizer),
+        "sft_steps": len(losses),
+        "sft_loss_first": losses[0],
+        "sft_loss_last": sum(losses[-10:]) / len(losses[-10:]),
+    }
+
+
+def ensure_policy(
+    paths: RunPaths,
+    world: Any,
+    retriever: Retriever,
+    settings: QuickstartSettings,
+    console: Console,
+) -> dict[str, Any]:
+    """The SFT warm start (reused when world, policy settings and rollout limits are unchanged)."""
+    stage_fp = fingerprint(settings.world, settings.policy, settings.rl.topk, settings.rl.max_turns)
+    record = stage_record(paths.sft)
+    if is_done(paths.sft, stage_fp) and record is not None:
+        console.print(f"  reusing the SFT policy in {paths.sft}")
+        return record["info"]
+    reset(paths.sft)
+    started = time.perf_counter()
+    info = train_policy(
+        world,
+        retriever,
+        settings.policy,
+        paths.sft,
+        topk=settings.rl.topk,
+        max_turns=settings.rl.max_turns,
+    )
+    info["seconds"] = time.perf_counter() - started
+    mark_done(paths.sft, stage_fp, info=info)
+    console.print(
+        f"  {info['parameters'] / 1e6:.1f}M-parameter policy, {info['episodes']} expert episodes "
+        f"(expert EM {info['expert_em']:.2f}), SFT loss {info['sft_loss_first']:.2f} -> "
+        f"{info['sft_loss_last']:.2f} -> {paths.sft}"
+    )
+    return info
+
+
+def rl_train_config(
+    paths: RunPaths, rl: RLStage, *, output_dir: Path, show_progress: bool = True
+) -> Any:
+    """The ``TrainConfig`` of the RL stage: SFT policy, world train split, the BM25 index."""
+    from tspo.data.world import split_file
+    from tspo.train.config import config_from_dict
+
+    every = rl.checkpoint_every or rl.steps
+    return config_from_dict(
+        {
+            "model": {"name": str(paths.sft), "device": "cpu"},
+            "data": {"train_files": [str(paths.world / split_file("train"))]},
+            "retriever": {"index": str(paths.index)},
+            "rollout": {
+                "group_size": rl.group_size,
+                "max_turns": rl.max_turns,
+                "max_turn_tokens": rl.max_turn_tokens,
+                "max_obs_tokens": rl.max_obs_tokens,
+                "topk": rl.topk,
+                "temperature": rl.temperature,
+            },
+            "algo": {"estimator": rl.estimator, "kl_coef": rl.kl_coef, "alpha": rl.alpha},
+            "optim": {"lr": rl.lr, "schedule": "constant"},
+            "train": {
+                "steps": rl.steps,
+                "prompts_per_step": rl.prompts_per_step,
+                "micro_batch_size": rl.micro_batch_size,
+                "seed": rl.seed,
+                "output_dir": str(output_dir),
+            },
+            "checkpoint": {"every": every, "keep_last": rl.steps // every + 1},
+            "logging": {"progress": show_progress, "samples_per_step": 2},
+        },
+        source="quickstart RL config",
+    )
+
+
+def eval_rollout_config(rl: RLStage) -> Any:
+    from tspo.rollout import RolloutConfig
+
+    return RolloutConfig(
+        max_turns=rl.max_turns,
+        max_turn_tokens=rl.max_turn_tokens,
+        max_obs_tokens=rl.max_obs_tokens,
+        topk=rl.topk,
+    )
+
+
+def test_examples(paths: RunPaths, max_examples: int | None) -> list[QAExample]:
+    """The held-out test questions (the first ``max_examples`` of them, a fixed subset)."""
+    from tspo.data.qa import read_qa
+    from tspo.data.world import split_file
+
+    examples = read_qa(paths.world / split_file("test"))
+    return examples[:max_examples] if max_examples else examples
+
+
+def evaluate_folder(
+    model_dir: Path,
+    retriever: Retriever,
+    examples: list[QAExample],
+    settings: QuickstartSettings,
+    out_dir: Path,
+    *,
+    show_progress: bool = True,
+) -> Any:
+    """Greedy evaluation of a saved policy; writes eval.json/eval.md/trajectories.jsonl."""
+    import torch
+
+    from tspo.evaluation import evaluate, write_report
+    from tspo.models.loading import load_policy
+
+    model, tokenizer = load_policy(str(model_dir), device="cpu")
+    with torch.no_grad():
+        result = evaluate(
+            model,
+            tokenizer,
+            retriever,
+            examples,
+            rollout=eval_rollout_config(settings.rl),
+            batch_size=settings.eval.batch_size,
+            show_progress=show_progress,
+        )
+    write_report(result, out_dir, meta={"model": str(model_dir)})
+    return result
+
+
+def check_out_dir(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise TSPOError(f"--out {out}: exists and is not a folder")
+
+
+def settings_record(settings: QuickstartSettings) -> dict[str, Any]:
+    return asdict(settings)

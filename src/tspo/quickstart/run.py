@@ -1,0 +1,133 @@
+"""`tspo quickstart`: world -> index -> SFT -> TSPO RL -> before/after evaluation -> report.md."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from tspo.quickstart.pipeline import (
+    RunPaths,
+    check_out_dir,
+    ensure_index,
+    ensure_policy,
+    ensure_world,
+    evaluate_folder,
+    rl_train_config,
+    test_examples,
+)
+from tspo.quickstart.settings import QuickstartSettings
+from tspo.utils import machine_info, peak_memory_mb, write_json
+
+STAGES = ("world", "index", "SFT", "RL", "evaluation", "report")
+
+
+def run_quickstart(
+    out: str | Path,
+    settings: QuickstartSettings | None = None,
+    *,
+    fresh: bool = False,
+    console: Console | None = None,
+    show_progress: bool = True,
+) -> Path:
+    """Run every stage into ``out`` and return the path of ``report.md``."""
+    import torch
+
+    from tspo.evaluation import trajectory_record
+    from tspo.report import read_jsonl
+    from tspo.train.loop import train
+
+    settings = settings or QuickstartSettings()
+    console = console or Console()
+    paths = RunPaths(Path(out))
+    check_out_dir(paths.root)
+    if fresh and paths.root.exists():
+        shutil.rmtree(paths.root)
+    paths.root.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    seconds: dict[str, float] = {}
+
+    def stage(index: int) -> float:
+        console.rule(f"[bold]{index + 1}/{len(STAGES)} {STAGES[index]}")
+        return time.perf_counter()
+
+    t = stage(0)
+    world = ensure_world(paths, settings, console)
+    seconds["world"] = time.perf_counter() - t
+
+    t = stage(1)
+    retriever = ensure_index(paths, settings, console)
+    seconds["index"] = time.perf_counter() - t
+
+    t = stage(2)
+    policy_info = ensure_policy(paths, world, retriever, settings, console)
+    seconds["sft"] = time.perf_counter() - t
+
+    t = stage(3)
+    config = rl_train_config(paths, settings.rl, output_dir=paths.rl, show_progress=show_progress)
+    if paths.rl.exists():
+        shutil.rmtree(paths.rl)
+    result = train(config)
+    seconds["rl"] = time.perf_counter() - t
+    final_dir = result.last_checkpoint
+    console.print(f"  {result.final_step} RL steps ({settings.rl.estimator}) -> {final_dir}")
+
+    t = stage(4)
+    examples = test_examples(paths, settings.eval.max_examples)
+    evals = {}
+    for name, folder in (("sft", paths.sft), ("final", final_dir)):
+        evals[name] = evaluate_folder(
+            Path(folder),
+            retriever,
+            examples,
+            settings,
+            paths.evals / name,
+            show_progress=show_progress,
+        )
+        console.print(f"  {name}: test EM {evals[name].overall['em']:.3f}")
+    seconds["eval"] = time.perf_counter() - t
+    retriever.close()
+
+    t = stage(5)
+    from tspo.quickstart.report_quickstart import write_quickstart_report
+
+    metrics = read_jsonl(paths.rl / "metrics.jsonl")
+    seconds["total"] = time.perf_counter() - started
+    facts: dict[str, Any] = {
+        "settings": settings,
+        "policy": policy_info,
+        "seconds": seconds,
+        "machine": {**machine_info(), "torch_threads": torch.get_num_threads()},
+        "memory": peak_memory_mb(),
+        "world": {split: len(qs) for split, qs in world.questions.items()},
+        "documents": len(world.documents),
+    }
+    report = write_quickstart_report(
+        paths,
+        metrics=metrics,
+        before=evals["sft"].scores,
+        after=evals["final"].scores,
+        before_records=[trajectory_record(tr) for tr in evals["sft"].trajectories],
+        after_records=[trajectory_record(tr) for tr in evals["final"].trajectories],
+        facts=facts,
+    )
+    write_json(
+        paths.root / "summary.json",
+        {
+            "test_em_sft": evals["sft"].overall["em"],
+            "test_em_final": evals["final"].overall["em"],
+            "test_em_gain": evals["final"].overall["em"] - evals["sft"].overall["em"],
+            "before": evals["sft"].scores,
+            "after": evals["final"].scores,
+            **{k: v for k, v in facts.items() if k != "settings"},
+        },
+    )
+    console.print(
+        f"test EM {evals['sft'].overall['em']:.3f} (SFT) -> {evals['final'].overall['em']:.3f} "
+        f"(after RL) in {seconds['total'] / 60:.1f} min"
+    )
+    console.print(f"report: {report}")
+    return report

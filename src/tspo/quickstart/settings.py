@@ -1,0 +1,93 @@
+"""Every knob of the quickstart in one typed place, with defaults sized for a 2-core CPU."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from tspo.sft import SFTConfig
+
+# A small Qwen2-shaped model (~1M parameters with the world's ~1.7k-token vocabulary): big enough
+# to learn to copy names between question, documents and queries, small enough for a CPU.
+QUICKSTART_MODEL: dict[str, Any] = {
+    "hidden_size": 128,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "intermediate_size": 384,
+    "max_position_embeddings": 2048,
+}
+
+
+@dataclass(frozen=True)
+class WorldStage:
+    """The synthetic world."""
+
+    seed: int = 0
+    size: str = "small"
+
+
+@dataclass(frozen=True)
+class PolicyStage:
+    """Tokenizer, model shape, the noisy expert and the SFT warm start."""
+
+    vocab_size: int = 2000
+    model_preset: str = "tiny"
+    model_overrides: dict[str, Any] = field(default_factory=lambda: dict(QUICKSTART_MODEL))
+    early_answer: float = 0.6  # the expert answers a hop early this often (see tspo.data.expert)
+    wrong_query: float = 0.15
+    recover: float = 0.5
+    expert_passes: int = 2  # noisy expert episodes per training question
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class RLStage:
+    """The RL run (fields of ``tspo.train.config.TrainConfig``)."""
+
+    estimator: str = "tspo"
+    steps: int = 40
+    prompts_per_step: int = 8
+    group_size: int = 4
+    lr: float = 2e-4
+    kl_coef: float = 0.001
+    alpha: float = 0.5
+    temperature: float = 1.0
+    max_turns: int = 4
+    max_turn_tokens: int = 40
+    max_obs_tokens: int = 200
+    topk: int = 3
+    micro_batch_size: int = 16
+    seed: int = 0
+    checkpoint_every: int | None = None  # None: only the last step
+
+
+@dataclass(frozen=True)
+class EvalStage:
+    """Greedy evaluation on held-out test entities."""
+
+    max_examples: int | None = None  # None: the whole test split
+    batch_size: int = 32
+
+
+@dataclass(frozen=True)
+class QuickstartSettings:
+    """World -> policy (SFT) -> RL -> evaluation."""
+
+    world: WorldStage = field(default_factory=WorldStage)
+    policy: PolicyStage = field(default_factory=PolicyStage)
+    rl: RLStage = field(default_factory=RLStage)
+    eval: EvalStage = field(default_factory=EvalStage)
+
+
+def fingerprint(*parts: Any) -> str:
+    """A short stable hash of dataclasses/dicts: a stage is reused only if its inputs match."""
+    blob = json.dumps(
+        [asdict(p) if hasattr(p, "__dataclass_fields__") else p for p in parts],
+        sort_keys=True,
+        default=str,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
