@@ -17,6 +17,12 @@ class IndexKind(StrEnum):
     dense = "dense"
 
 
+class HttpParser(StrEnum):
+    auto = "auto"
+    h11 = "h11"
+    httptools = "httptools"
+
+
 @index_app.command("build")
 def build_command(
     corpus: Path = typer.Option(..., "--corpus", help="Corpus jsonl file (id, contents)."),
@@ -96,6 +102,9 @@ def serve_command(
         1 << 20, "--max-body-bytes", min=64, help="Request body size limit."
     ),
     access_log: bool = typer.Option(False, "--access-log", help="Log every request."),
+    http: HttpParser = typer.Option(
+        HttpParser.auto, "--http", help="HTTP parser: auto uses httptools when installed, else h11."
+    ),
 ) -> None:
     """Serve an index over HTTP: Search-R1's POST /retrieve, plus GET /health."""
     from tspo.retrieval.server import serve
@@ -112,6 +121,7 @@ def serve_command(
         topk=topk,
         token=token,
         access_log=access_log,
+        http=http.value,
         max_queries=max_queries,
         max_query_chars=max_query_chars,
         max_body_bytes=max_body_bytes,

@@ -317,11 +317,13 @@ def serve(
     token: str | None = None,
     *,
     access_log: bool = False,
+    http: str = "auto",
     **limits: Any,
 ) -> None:
     """Load the index in ``index_dir`` and serve it until interrupted.
 
-    ``token`` falls back to the ``TSPO_RETRIEVER_TOKEN`` environment variable; ``limits`` are
+    ``token`` falls back to the ``TSPO_RETRIEVER_TOKEN`` environment variable; ``http`` is
+    uvicorn's HTTP parser (``auto`` picks httptools when installed, else h11); ``limits`` are
     :func:`create_app`'s keyword arguments.
     """
     import uvicorn
@@ -339,4 +341,4 @@ def serve(
     app = create_app(
         retriever, default_topk=topk, token=token or os.environ.get(TOKEN_ENV) or None, **limits
     )
-    uvicorn.run(app, host=host, port=port, log_level="info", access_log=access_log)
+    uvicorn.run(app, host=host, port=port, log_level="info", access_log=access_log, http=http)
