@@ -4,6 +4,9 @@ Columns of the cache are shared by the batch; a row that has nothing to add in a
 a *hole*: a column whose attention-mask entry is 0. Position ids count only a row's real tokens,
 so RoPE sees every stream as if it were alone and unpadded. ``compact`` squeezes the holes out of
 the cache between turns (keys already carry their rotary positions, so moving columns is exact).
+
+Keys and values live in preallocated buffers (`BufferedLayer`) that new columns are written into,
+instead of transformers' default of concatenating the whole cache again at every decoding step.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import inspect
 
 import torch
 from transformers import DynamicCache, LlamaForCausalLM
+from transformers.cache_utils import DynamicLayer
 
 # transformers renamed ``past_key_values`` to ``cache`` during 5.x; use whichever this version has
 # (decided once from a stock model class, so wrapped models with ``**kwargs`` forwards work too).
@@ -20,6 +24,79 @@ CACHE_KWARG = (
     if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters
     else "past_key_values"
 )
+
+
+class BufferedLayer(DynamicLayer):
+    """A full-attention cache layer over a (B, H, capacity, D) buffer; ``keys`` is a view of it.
+
+    ``reserve`` grows the capacity ahead of a known number of columns, so decoding a turn writes
+    in place; an unexpected overflow grows the buffer by half again.
+    """
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.device = key_states.device
+        self.length = 0
+        self.spare = 0
+        self._keys = key_states.new_empty((*key_states.shape[:2], 0, key_states.shape[3]))
+        self._values = value_states.new_empty((*value_states.shape[:2], 0, value_states.shape[3]))
+        self.is_initialized = True
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        width = key_states.shape[-2]
+        if self.length + width > self._keys.shape[2]:
+            self._resize(max(self.length + width + self.spare, self._keys.shape[2] * 3 // 2))
+        self._keys[:, :, self.length : self.length + width] = key_states
+        self._values[:, :, self.length : self.length + width] = value_states
+        self.length += width
+        self._refresh()
+        return self.keys, self.values
+
+    def reserve(self, columns: int) -> None:
+        """Make room for ``columns`` more columns (and remember it for later growth)."""
+        self.spare = columns
+        if self.is_initialized and self.length + columns > self._keys.shape[2]:
+            self._resize(self.length + columns)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.is_initialized:
+            self._keys = self._keys.index_select(0, indices)
+            self._values = self._values.index_select(0, indices)
+            self._refresh()
+
+    def gather_columns(self, index: torch.Tensor) -> None:
+        """Keep, for each row b, the columns ``index[b]`` (B, W) in that order."""
+        width = index.shape[1]
+        expand = (-1, self._keys.shape[1], -1, self._keys.shape[3])
+        keys = self.keys.gather(2, index[:, None, :, None].expand(*expand))
+        values = self.values.gather(2, index[:, None, :, None].expand(*expand))
+        self._keys = keys.new_empty((*keys.shape[:2], width + self.spare, keys.shape[3]))
+        self._values = values.new_empty((*values.shape[:2], width + self.spare, values.shape[3]))
+        self._keys[:, :, :width] = keys
+        self._values[:, :, :width] = values
+        self.length = width
+        self._refresh()
+
+    def _resize(self, capacity: int) -> None:
+        shape = (*self._keys.shape[:2], capacity, self._keys.shape[3])
+        keys, values = self._keys.new_empty(shape), self._values.new_empty(shape)
+        keys[:, :, : self.length] = self._keys[:, :, : self.length]
+        values[:, :, : self.length] = self._values[:, :, : self.length]
+        self._keys, self._values = keys, values
+
+    def _refresh(self) -> None:
+        self.keys = self._keys[:, :, : self.length]
+        self.values = self._values[:, :, : self.length]
+
+
+def new_cache(config) -> DynamicCache:
+    """A `DynamicCache` whose full-attention layers are `BufferedLayer`s."""
+    cache = DynamicCache(config=config)
+    cache.layers = [
+        BufferedLayer() if type(layer) is DynamicLayer else layer for layer in cache.layers
+    ]
+    return cache
 
 
 class CachedContext:
@@ -33,7 +110,7 @@ class CachedContext:
         self.model = model
         self.pad_id = pad_id
         self.device = next(model.parameters()).device
-        self.cache = DynamicCache(config=model.config)
+        self.cache = new_cache(model.config)
         self.mask = torch.zeros(batch_size, 0, dtype=torch.long, device=self.device)
         self.positions = torch.zeros(batch_size, dtype=torch.long, device=self.device)
 
@@ -86,6 +163,12 @@ class CachedContext:
         self.mask = self.mask.index_select(0, rows)
         self.positions = self.positions.index_select(0, rows)
 
+    def reserve(self, columns: int) -> None:
+        """Preallocate room for ``columns`` more columns in every buffered layer."""
+        for layer in self.cache.layers:
+            if isinstance(layer, BufferedLayer):
+                layer.reserve(columns)
+
     def compact(self) -> None:
         """Move each row's real columns to the right; drop columns that are holes in every row."""
         if self.mask.shape[1] == 0:
@@ -96,7 +179,12 @@ class CachedContext:
         # Stable sort on the mask puts holes first and keeps real columns in order.
         order = self.mask.sort(dim=1, stable=True).indices[:, -width:]
         for layer in self.cache.layers:
-            index = order[:, None, :, None].expand(-1, layer.keys.shape[1], -1, layer.keys.shape[3])
-            layer.keys = layer.keys.gather(2, index)
-            layer.values = layer.values.gather(2, index)
+            if isinstance(layer, BufferedLayer):
+                layer.gather_columns(order)
+            else:
+                index = order[:, None, :, None].expand(
+                    -1, layer.keys.shape[1], -1, layer.keys.shape[3]
+                )
+                layer.keys = layer.keys.gather(2, index)
+                layer.values = layer.values.gather(2, index)
         self.mask = self.mask.gather(1, order)

@@ -114,11 +114,11 @@ class RolloutEngine:
         """Fill ``responses``, ``texts`` and the per-turn fields of ``trajectories`` in place."""
         cfg = self.config
         alive = list(range(len(prompt_ids)))  # rollout index of each row of the context
-        context = CachedContext(self.model, self.pad_id, len(alive))
+        context = self._new_context(len(alive))
         logits = context.extend(prompt_ids)
         for turn in range(cfg.max_turns + 1):
             if turn > 0 and not cfg.kv_cache:
-                context = CachedContext(self.model, self.pad_id, len(alive))
+                context = self._new_context(len(alive))
                 logits = context.extend([_full_context(prompt_ids[r], responses[r]) for r in alive])
             generated, logprobs = self._decode_turn(context, logits, greedy, generator)
             turn_texts = self.tokenizer.batch_decode(generated, skip_special_tokens=True)
@@ -153,6 +153,11 @@ class RolloutEngine:
                 context.select(torch.tensor(keep, dtype=torch.long))
                 logits = context.extend(chunks)
                 context.compact()
+
+    def _new_context(self, rows: int) -> CachedContext:
+        context = CachedContext(self.model, self.pad_id, rows)
+        context.reserve(self.config.max_turn_tokens)  # a turn's decoding then writes in place
+        return context
 
     def _decode_turn(
         self,

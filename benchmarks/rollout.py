@@ -1,0 +1,298 @@
+"""Benchmark: multi-turn rollout throughput (DESIGN.md §6, issue 4 §5).
+
+Generated tokens per second of three ways to produce the same number of tokens with the same model
+and batch, in one run:
+
+1. ``RolloutEngine`` with KV-cache reuse (observations appended to the running cache);
+2. the same engine with ``kv_cache=False``: every turn re-encodes each rollout's whole context
+   (prompt + earlier turns + observations) and then decodes the turn with a fresh cache;
+3. plain single-turn ``model.generate`` of as many new tokens per row, no observations.
+
+The model is a random-weight Llama of the chosen preset whose logits get a fixed bias toward a
+token chain (``<think> w1 .. wk </think><search> q1 q2 q3 </search>``), so every turn is exactly
+``--turn-tokens`` tokens and ends in a search; a real BM25 retriever answers with ``--topk``
+documents cut to ``--obs-tokens`` tokens. ``--max-turns 3`` searching turns plus the forced final
+turn make 4 turns. All three runs sample at temperature 1 with one seeded generator each.
+
+    python benchmarks/rollout.py                 # CPU, "tiny" preset (~6M parameters)
+    python benchmarks/rollout.py --device cuda --dtype bfloat16 --preset qwen2.5-0.5b-shape \\
+        --batch 64 --turn-tokens 256 --obs-tokens 500 --out docs/bench/rollout-gpu
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+from transformers import LlamaForCausalLM
+
+from tspo.data.corpus import CorpusDoc
+from tspo.data.qa import QAExample
+from tspo.models.tiny import build_tiny_model, count_parameters, train_tokenizer
+from tspo.protocol import PROTOCOL_TAGS, build_prompt, wrap_information
+from tspo.retrieval.bm25 import BM25Retriever
+from tspo.rollout import RolloutConfig, RolloutEngine
+from tspo.utils import atomic_write_text, machine_info, peak_memory_mb, write_json
+
+TARGET_VS_REENCODE = 1.5
+TARGET_VS_GENERATE = 0.8
+WORDS = (
+    "river mountain city empire novel painter composer island treaty battle war king queen "
+    "capital language science planet comet ocean desert forest bridge tower castle church"
+).split()
+
+
+class ChainLlama(LlamaForCausalLM):
+    """A Llama whose logits get ``strength`` added on ``next_token[current input token]``.
+
+    A sparse bigram script: cheap at any vocabulary size, and the network still runs in full.
+    """
+
+    def __init__(self, config, next_token: torch.Tensor, strength: float = 50.0):
+        super().__init__(config)
+        self.register_buffer("next_token", next_token, persistent=False)
+        self.strength = strength
+
+    def forward(self, input_ids=None, **kwargs):
+        out = super().forward(input_ids=input_ids, **kwargs)
+        targets = self.next_token[input_ids[:, -out.logits.shape[1] :]]
+        out.logits = out.logits.scatter_add(
+            -1, targets[..., None], torch.full_like(out.logits[..., :1], self.strength)
+        )
+        return out
+
+
+def synthetic_corpus(count: int, seed: int) -> list[CorpusDoc]:
+    generator = torch.Generator().manual_seed(seed)
+    docs = []
+    for i in range(count):
+        picks = torch.randint(len(WORDS), (80,), generator=generator).tolist()
+        docs.append(CorpusDoc(str(i), f"Entity {i}", " ".join(WORDS[j] for j in picks) + "."))
+    return docs
+
+
+def build_model(args, tokenizer) -> ChainLlama:
+    """The preset's random network plus a chain bias making each turn ``turn_tokens`` long."""
+    base = build_tiny_model(tokenizer, args.preset, seed=args.seed)
+    word_ids = [tokenizer.encode(" " + w, add_special_tokens=False) for w in WORDS]
+    word_ids = list(dict.fromkeys(ids[0] for ids in word_ids if len(ids) == 1))
+    tag = {t: tokenizer.convert_tokens_to_ids(t) for t in PROTOCOL_TAGS}
+    starts = {  # the last token of the prompt and of an observation both start a turn
+        tokenizer.encode(build_prompt("q"), add_special_tokens=False)[-1],
+        tokenizer.encode(wrap_information("x"), add_special_tokens=False)[-1],
+    }
+    thinking = args.turn_tokens - 7
+    # Filler tokens: plain letters only, so no stop string can form by accident.
+    pieces = tokenizer.batch_decode([[i] for i in range(len(tokenizer))])
+    pool = [i for i, p in enumerate(pieces) if p.strip().isalpha() and p.strip().isascii()]
+    pool = [i for i in pool if i not in starts and i not in tag.values() and i not in word_ids]
+    if thinking < 1 or thinking > len(pool) or len(word_ids) < 3:
+        raise SystemExit(f"--turn-tokens must be in [8, {len(pool) + 7}]")
+    chain = [tag["<think>"], *pool[:thinking], tag["</think>"], tag["<search>"], *word_ids[:3]]
+    chain.append(tag["</search>"])
+    next_token = torch.full((base.config.vocab_size,), chain[0], dtype=torch.long)
+    for current, following in zip(chain, chain[1:], strict=False):
+        next_token[current] = following
+    model = ChainLlama(base.config, next_token)
+    model.load_state_dict(base.state_dict())
+    return model
+
+
+def timed(fn, device: str):
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    result = fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else None
+    return result, seconds, peak
+
+
+def run(args) -> dict:
+    torch.manual_seed(args.seed)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    docs = synthetic_corpus(200, args.seed)
+    questions = [f"Which {WORDS[i % len(WORDS)]} is named after entity {i}?" for i in range(64)]
+    tokenizer = train_tokenizer(
+        [build_prompt(q) for q in questions] + [wrap_information(d.text) for d in docs],
+        vocab_size=4096,
+    )
+    dtype = getattr(torch, args.dtype)
+    model = build_model(args, tokenizer).to(device=args.device, dtype=dtype).eval()
+    retriever = BM25Retriever.from_docs(docs)
+    examples = [
+        QAExample(str(i), questions[i % len(questions)], ["entity"])
+        for i in range(args.batch // args.group_size)
+    ]
+    rows = len(examples) * args.group_size
+
+    def engine(kv_cache: bool) -> RolloutEngine:
+        config = RolloutConfig(
+            max_turns=args.max_turns,
+            max_turn_tokens=args.turn_tokens,
+            max_obs_tokens=args.obs_tokens,
+            topk=args.topk,
+            kv_cache=kv_cache,
+        )
+        return RolloutEngine(model, tokenizer, retriever, config)
+
+    def rollout(kv_cache: bool, examples=examples):
+        generator = torch.Generator().manual_seed(args.seed)
+        return engine(kv_cache).generate(examples, args.group_size, generator=generator)
+
+    rollout(True, examples[:1])  # warm-up: kernels, allocator, stop-string table
+    results = {}
+    batch, seconds, peak = timed(lambda: rollout(True), args.device)
+    generated = int(batch.loss_mask.sum())
+    context = int(batch.attention_mask.sum(dim=1).float().mean())
+    results["kv_reuse"] = {"seconds": seconds, "tokens": generated, "peak_cuda_mb": peak}
+    reference, seconds, peak = timed(lambda: rollout(False), args.device)
+    results["reencode"] = {
+        "seconds": seconds,
+        "tokens": int(reference.loss_mask.sum()),
+        "peak_cuda_mb": peak,
+        "same_tokens_as_kv_reuse": bool(torch.equal(reference.response_ids, batch.response_ids)),
+    }
+
+    new_tokens = generated // rows
+    prompt = batch.prompt_ids.to(args.device)
+    prompt_mask = batch.prompt_mask.to(args.device)
+
+    def single_turn():
+        torch.manual_seed(args.seed)
+        with torch.no_grad():
+            return model.generate(
+                input_ids=prompt,
+                attention_mask=prompt_mask,
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                do_sample=True,
+                temperature=1.0,
+                top_p=1.0,
+                top_k=0,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+
+    output, seconds, peak = timed(single_turn, args.device)
+    tokens = (output.shape[1] - prompt.shape[1]) * rows
+    results["single_turn_generate"] = {"seconds": seconds, "tokens": tokens, "peak_cuda_mb": peak}
+    for entry in results.values():
+        entry["tokens_per_s"] = entry["tokens"] / entry["seconds"]
+
+    trajectories = batch.trajectories
+    kv_rate = results["kv_reuse"]["tokens_per_s"]
+    return {
+        "benchmark": "rollout",
+        "setup": {
+            "preset": args.preset,
+            "parameters": count_parameters(model),
+            "vocab_size": model.config.vocab_size,
+            "device": args.device,
+            "dtype": args.dtype,
+            "rows": rows,
+            "group_size": args.group_size,
+            "max_turns": args.max_turns,
+            "turns_per_rollout": sum(t.num_turns for t in trajectories) / rows,
+            "searches_per_rollout": sum(t.num_searches for t in trajectories) / rows,
+            "turn_tokens": args.turn_tokens,
+            "obs_tokens": args.obs_tokens,
+            "topk": args.topk,
+            "mean_prompt_plus_response_tokens": context,
+            "sampling": "temperature 1, top_p 1",
+        },
+        "results": results,
+        "speedup_vs_reencode": kv_rate / results["reencode"]["tokens_per_s"],
+        "ratio_vs_single_turn_generate": kv_rate / results["single_turn_generate"]["tokens_per_s"],
+        "targets": {
+            "vs_reencode": TARGET_VS_REENCODE,
+            "vs_single_turn_generate": TARGET_VS_GENERATE,
+        },
+        "machine": machine_info(),
+        "load_average_1min": os.getloadavg()[0],
+        "peak_memory_mb": peak_memory_mb(),
+    }
+
+
+def markdown(report: dict, command: str) -> str:
+    setup, results = report["setup"], report["results"]
+    names = {
+        "kv_reuse": "`RolloutEngine`, KV-cache reuse",
+        "reencode": "`RolloutEngine`, re-encode each turn (reference)",
+        "single_turn_generate": "`model.generate`, single turn, same token count",
+    }
+    lines = [
+        "# Rollout throughput benchmark",
+        "",
+        f"{setup['rows']} rollouts (groups of {setup['group_size']}), {setup['max_turns']} "
+        f"searching turns + 1 forced final turn = {setup['turns_per_rollout']:g} turns of "
+        f"{setup['turn_tokens']} generated tokens, {setup['searches_per_rollout']:g} observations "
+        f"of top-{setup['topk']} BM25 documents cut to {setup['obs_tokens']} tokens; mean "
+        f"final sequence {setup['mean_prompt_plus_response_tokens']} tokens. Model: "
+        f"`{setup['preset']}` preset, {setup['parameters'] / 1e6:.1f}M parameters (vocabulary "
+        f"{setup['vocab_size']}), random weights, {setup['dtype']} on {setup['device']}; "
+        f"{setup['sampling']}. One timed run each, after one warm-up rollout.",
+        "",
+        "| method | generated tokens | seconds | tokens/s | peak CUDA MiB |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for key, entry in results.items():
+        peak = f"{entry['peak_cuda_mb']:.0f}" if entry["peak_cuda_mb"] is not None else "n/a"
+        lines.append(
+            f"| {names[key]} | {entry['tokens']} | {entry['seconds']:.2f} | "
+            f"{entry['tokens_per_s']:.1f} | {peak} |"
+        )
+    vs_reencode = report["speedup_vs_reencode"]
+    vs_generate = report["ratio_vs_single_turn_generate"]
+    same = results["reencode"]["same_tokens_as_kv_reuse"]
+    lines += [
+        "",
+        f"- KV reuse vs re-encode: **{vs_reencode:.2f}x** (target >= {TARGET_VS_REENCODE}x: "
+        f"**{'met' if vs_reencode >= TARGET_VS_REENCODE else 'missed'}**). Both produced "
+        f"{'identical' if same else 'different'} tokens.",
+        f"- KV reuse vs single-turn generate: **{vs_generate:.2f}x** (target >= "
+        f"{TARGET_VS_GENERATE}x: **{'met' if vs_generate >= TARGET_VS_GENERATE else 'missed'}**).",
+        "",
+        f"Machine: {report['machine']}; 1-minute load average at the end "
+        f"{report['load_average_1min']:.1f}. Peak memory (MiB): {report['peak_memory_mb']}.",
+        "",
+        f"Reproduce: `{command}`.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--preset", default="tiny", help="model preset (tspo.models.tiny)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
+    parser.add_argument("--batch", type=int, default=16, help="rollouts in the batch")
+    parser.add_argument("--group-size", type=int, default=4, help="rollouts per question")
+    parser.add_argument("--max-turns", type=int, default=3, help="searching turns")
+    parser.add_argument("--turn-tokens", type=int, default=64, help="generated tokens per turn")
+    parser.add_argument("--obs-tokens", type=int, default=128, help="observation token budget")
+    parser.add_argument("--topk", type=int, default=3, help="documents per search")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch CPU threads (0: torch default)"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="weights, data and sampling seed")
+    parser.add_argument("--out", default="docs/bench/rollout", help="output path without suffix")
+    args = parser.parse_args()
+    report = run(args)
+    out = Path(args.out)
+    write_json(out.with_suffix(".json"), report)
+    command = "python benchmarks/rollout.py " + " ".join(sys.argv[1:])
+    atomic_write_text(out.with_suffix(".md"), markdown(report, command.strip()))
+    print(markdown(report, command.strip()))
+
+
+if __name__ == "__main__":
+    main()
