@@ -238,3 +238,28 @@ def test_requests_queued_during_a_search_share_the_next_call():
     assert [len(r[0]) for r in results] == [1, 1, 3, 2]
     assert [r[0][0].title for r in results] == ["Chess", "Tokyo", "Jupiter", "Honey"]
     assert (stats.batches, stats.requests, stats.largest_batch) == (2, 4, 3)
+
+
+class FailingRetriever(Retriever):
+    """A real BM25 retriever that fails on one poisoned query, like a backend hitting a bug."""
+
+    def __init__(self):
+        self.inner = BM25Retriever.from_docs(corpus_docs())
+
+    def search(self, queries, topk=3):
+        if "poison" in queries:
+            raise RuntimeError("backend failure")
+        return self.inner.search(queries, topk)
+
+
+def test_a_failing_search_fails_its_batch_and_the_batcher_keeps_serving():
+    async def scenario():
+        batcher = MicroBatcher(FailingRetriever())
+        await batcher.start()
+        with pytest.raises(RuntimeError, match="backend failure"):
+            await batcher.search(["poison"], 1)
+        hits = await batcher.search(["chess"], 1)
+        await batcher.stop()
+        return hits
+
+    assert asyncio.run(scenario())[0][0].title == "Chess"
