@@ -42,15 +42,15 @@ def test_sampling_follows_temperature_and_top_p():
 
 def test_stop_checker_on_multi_token_tags():
     tok = make_tokenizer(protocol_tags=False, merges=False)
-    checker = StopChecker(tok, ["</search>", "</answer>"], vocab_size=len(tok))
+    checker = StopChecker(tok, ["</search>", "</answer>"])
     text = "a </search"
     ids = tok.encode(text + "> more", add_special_tokens=False)
     rows = [ids[: len(text) + 1], ids[: len(text)], ids[: len(text) + 3]]
-    new = torch.tensor([row[-1] for row in rows])
+    new = [row[-1] for row in rows]
     assert checker.stopped(new, rows, [0, 1, 2]) == [0]  # row 2's newest token is not ">"
     assert checker.stopped(new, rows, [1, 2]) == []
-    assert bool(checker.may_end[tok.encode(">", add_special_tokens=False)[0]])
-    assert not bool(checker.may_end[tok.encode("s", add_special_tokens=False)[0]])
+    assert checker.may_end(tok.encode(">", add_special_tokens=False)[0])
+    assert not checker.may_end(tok.encode("s", add_special_tokens=False)[0])
 
 
 @pytest.mark.parametrize(

@@ -187,7 +187,7 @@ class RolloutEngine:
                 logprobs[row].append(logprob_list[row])
             if step == cfg.max_turn_tokens - 1:
                 break
-            ended = set(stops.stopped(new, tokens, running))
+            ended = set(stops.stopped(new_list, tokens, running))
             ended.update(row for row in running if new_list[row] in self.eos_ids)
             running = [row for row in running if row not in ended]
             if not running:
@@ -199,9 +199,7 @@ class RolloutEngine:
 
     def _stop_checker(self) -> StopChecker:
         if self._stops is None:
-            vocab = int(getattr(self.model.config, "vocab_size", 0) or 0)
-            device = next(self.model.parameters()).device
-            self._stops = StopChecker(self.tokenizer, STOP_STRINGS, vocab).to(device)
+            self._stops = StopChecker(self.tokenizer, STOP_STRINGS)
         return self._stops
 
 
