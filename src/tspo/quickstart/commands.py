@@ -92,6 +92,9 @@ def quickstart(
     size: str = typer.Option("small", "--size", help=f"World size: {WORLD_SIZES}."),
     estimator: str = typer.Option("tspo", "--estimator", help="Advantage estimator for RL."),
     seed: int = typer.Option(0, "--seed", help="Seed of the world, the policy and RL."),
+    threads: int | None = typer.Option(
+        None, "--threads", help="torch CPU threads (default: torch's choice)."
+    ),
 ) -> None:
     """Train a small search agent end to end on CPU and write a report.
 
@@ -108,6 +111,7 @@ def quickstart(
         rl = replace(rl, steps=steps)
     settings = replace(
         settings,
+        threads=threads,
         world=replace(settings.world, size=size, seed=seed),
         policy=replace(settings.policy, seed=seed),
         rl=rl,
@@ -129,6 +133,9 @@ def compare(
     size: str = typer.Option("small", "--size", help=f"World size: {WORLD_SIZES}."),
     out: Path = typer.Option(Path("runs/compare"), "--out", help="Run folder."),
     fresh: bool = typer.Option(False, "--fresh", help="Start over instead of reusing stages."),
+    threads: int | None = typer.Option(
+        None, "--threads", help="torch CPU threads (default: torch's choice)."
+    ),
 ) -> None:
     """Compare advantage estimators from one SFT start over several seeds.
 
@@ -147,6 +154,7 @@ def compare(
     settings = QuickstartSettings()
     settings = replace(
         settings,
+        threads=threads,
         world=replace(settings.world, size=size),
         rl=replace(settings.rl, steps=steps or settings.rl.steps),
         eval=replace(settings.eval, max_examples=eval_examples),

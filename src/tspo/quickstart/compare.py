@@ -28,6 +28,7 @@ from tspo.quickstart.pipeline import (
     fingerprint,
     is_done,
     mark_done,
+    prepare_process,
     rl_train_config,
     stage_record,
     test_examples,
@@ -115,6 +116,7 @@ def run_compare(
     console = console or Console()
     paths = RunPaths(Path(out))
     check_out_dir(paths.root)
+    prepare_process(settings.threads)
     if fresh and paths.root.exists():
         shutil.rmtree(paths.root)
     paths.root.mkdir(parents=True, exist_ok=True)

@@ -336,6 +336,18 @@ def evaluate_folder(
     return result
 
 
+def prepare_process(threads: int | None) -> None:
+    """Set torch's CPU threads (when given) and silence transformers' per-file progress bars."""
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    if threads is not None:
+        if threads < 1:
+            raise TSPOError(f"--threads must be >= 1, got {threads}")
+        torch.set_num_threads(threads)
+    hf_logging.disable_progress_bar()
+
+
 def check_out_dir(out: Path) -> None:
     if out.exists() and not out.is_dir():
         raise TSPOError(f"--out {out}: exists and is not a folder")

@@ -16,6 +16,7 @@ from tspo.quickstart.pipeline import (
     ensure_policy,
     ensure_world,
     evaluate_folder,
+    prepare_process,
     rl_train_config,
     test_examples,
 )
@@ -44,6 +45,7 @@ def run_quickstart(
     console = console or Console()
     paths = RunPaths(Path(out))
     check_out_dir(paths.root)
+    prepare_process(settings.threads)
     if fresh and paths.root.exists():
         shutil.rmtree(paths.root)
     paths.root.mkdir(parents=True, exist_ok=True)

@@ -77,6 +77,7 @@ class EvalStage:
 class QuickstartSettings:
     """World -> policy (SFT) -> RL -> evaluation."""
 
+    threads: int | None = None  # torch CPU threads; None leaves torch's default
     world: WorldStage = field(default_factory=WorldStage)
     policy: PolicyStage = field(default_factory=PolicyStage)
     rl: RLStage = field(default_factory=RLStage)

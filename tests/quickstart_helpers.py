@@ -1,0 +1,33 @@
+"""A miniature quickstart configuration: tiny world, micro model, a couple of RL steps."""
+
+from __future__ import annotations
+
+from tspo.quickstart.settings import EvalStage, PolicyStage, QuickstartSettings, RLStage, WorldStage
+from tspo.sft import SFTConfig
+
+
+def mini_settings(**rl_overrides) -> QuickstartSettings:
+    """Settings that run every stage end to end in seconds (nothing is learned at this size)."""
+    rl = dict(
+        steps=2,
+        prompts_per_step=2,
+        group_size=2,
+        max_turns=2,
+        max_turn_tokens=12,
+        max_obs_tokens=48,
+        topk=2,
+    )
+    rl.update(rl_overrides)
+    return QuickstartSettings(
+        threads=1,
+        world=WorldStage(seed=0, size="tiny"),
+        policy=PolicyStage(
+            vocab_size=600,
+            model_preset="micro",
+            model_overrides={},
+            expert_passes=1,
+            sft=SFTConfig(epochs=1, batch_size=32, max_obs_tokens=48),
+        ),
+        rl=RLStage(**rl),
+        eval=EvalStage(max_examples=4, batch_size=4),
+    )

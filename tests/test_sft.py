@@ -1,0 +1,115 @@
+"""SFT: the tokenizer on world text, episode encoding, the masked loss, training and saving."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tspo.data.expert import ExpertNoise, run_expert
+from tspo.data.world import generate_world, iter_world_text, qa_examples
+from tspo.models.tiny import build_tiny_model, train_tokenizer
+from tspo.protocol import INFO_CLOSE, INFO_OPEN, PROMPT_TEMPLATE
+from tspo.quickstart.pipeline import tokenizer_texts
+from tspo.retrieval.bm25 import BM25Retriever
+from tspo.sft import SFTConfig, collate, encode_episode, masked_lm_loss, save_policy, train_sft
+
+
+class _Doc:
+    def __init__(self, doc_id: str, title: str, text: str):
+        self.id, self.title, self.text = doc_id, title, text
+
+
+@pytest.fixture(scope="module")
+def world():
+    return generate_world(seed=11, size="tiny")
+
+
+@pytest.fixture(scope="module")
+def episodes(world):
+    retriever = BM25Retriever.from_docs([_Doc(k, t, x) for k, (t, x) in world.documents.items()])
+    noise = ExpertNoise(early_answer=0.3, wrong_query=0.2)
+    return run_expert(world, qa_examples(world, "train"), retriever, noise=noise)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(world, episodes):
+    return train_tokenizer(tokenizer_texts(world, episodes), vocab_size=600)
+
+
+def test_tokenizer_round_trips_world_text(world, tokenizer):
+    texts = list(iter_world_text(world))[:200] + [PROMPT_TEMPLATE, "<search>Foo Bar</search>"]
+    for text in texts:
+        assert tokenizer.decode(tokenizer.encode(text, add_special_tokens=False)) == text
+    tag_ids = tokenizer.encode("<information>", add_special_tokens=False)
+    assert len(tag_ids) == 1
+
+
+def test_encoded_episode_masks_everything_but_generated_turns(tokenizer, episodes):
+    episode = next(e for e in episodes if e.num_searches >= 2)
+    example = encode_episode(
+        tokenizer, episode.example.question, episode.generated, episode.observations
+    )
+    ids = torch.tensor(example.input_ids)
+    mask = torch.tensor(example.loss_mask, dtype=torch.bool)
+    assert tokenizer.decode(ids[mask]) == "".join(episode.generated)
+    masked_out = tokenizer.decode(ids[~mask])
+    assert masked_out.startswith("Answer the question below.")
+    in_prompt = PROMPT_TEMPLATE.count(INFO_OPEN)  # the prompt names the tags once
+    assert masked_out.count(INFO_OPEN) == episode.num_searches + in_prompt
+    assert masked_out.count(INFO_CLOSE) == episode.num_searches + in_prompt
+    for observation in episode.observations:
+        if observation is not None:
+            assert observation in masked_out
+
+
+def test_masked_loss_ignores_observation_and_prompt_targets(tokenizer, episodes):
+    examples = [
+        encode_episode(tokenizer, e.example.question, e.generated, e.observations)
+        for e in episodes[:3]
+    ]
+    batch = collate(examples, tokenizer.pad_token_id)
+    vocab = len(tokenizer)
+    logits = torch.randn(*batch["input_ids"].shape, vocab, requires_grad=True)
+    loss = masked_lm_loss(logits, batch["input_ids"], batch["loss_mask"])
+    loss.backward()
+    grad_norm = logits.grad.abs().sum(-1)  # (B, L): which positions the loss looks at
+    predicts_generated = batch["loss_mask"][:, 1:].bool()
+    assert torch.all(grad_norm[:, :-1][~predicts_generated] == 0)
+    assert torch.all(grad_norm[:, :-1][predicts_generated] > 0)
+    assert torch.all(grad_norm[:, -1] == 0)
+    # The value is the mean cross-entropy over generated targets only.
+    targets = batch["input_ids"][:, 1:][predicts_generated]
+    picked = logits[:, :-1][predicts_generated]
+    expected = torch.nn.functional.cross_entropy(picked, targets)
+    assert torch.allclose(loss, expected)
+
+
+def test_sft_learns_and_saves_a_loadable_hf_checkpoint(tmp_path, tokenizer, episodes):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = build_tiny_model(tokenizer, "micro", seed=0)
+    examples = [
+        encode_episode(tokenizer, e.example.question, e.generated, e.observations)
+        for e in episodes[:16]
+    ]
+    config = SFTConfig(epochs=6, batch_size=8, lr=3e-3)
+    losses = train_sft(model, examples, config, pad_id=tokenizer.pad_token_id)
+    assert len(losses) == 12
+    assert sum(losses[-2:]) / 2 < losses[0] - 1.0
+    folder = save_policy(model, tokenizer, tmp_path / "policy")
+    loaded = AutoModelForCausalLM.from_pretrained(folder)
+    loaded_tokenizer = AutoTokenizer.from_pretrained(folder)
+    ids = torch.tensor([examples[0].input_ids])
+    with torch.no_grad():
+        assert torch.allclose(loaded(ids).logits, model(ids).logits, atol=1e-5)
+    text = episodes[0].generated[0]
+    assert loaded_tokenizer.encode(text, add_special_tokens=False) == tokenizer.encode(
+        text, add_special_tokens=False
+    )
+
+
+def test_mismatched_episode_is_a_clear_error(tokenizer):
+    from tspo.errors import TSPOError
+
+    with pytest.raises(TSPOError, match="2 generations but 1 observations"):
+        encode_episode(tokenizer, "Q?", ["<search>a</search>", "<answer>b</answer>"], [None])
