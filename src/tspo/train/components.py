@@ -132,10 +132,19 @@ def build_policy(
         reference = _frozen_reference(model if weights_from is None else None, config, device)
 
     if config.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        _enable_activation_checkpointing(model)
         if config.lora.enabled:
             model.enable_input_require_grads()
     return Policy(model, tokenizer, reference, device, config.lora.enabled)
+
+
+def _enable_activation_checkpointing(model: Any) -> None:
+    """Recompute activations in the backward pass (renamed in transformers 5.x; both spellings)."""
+    options = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=options)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
 
 
 def _frozen_reference(start_model: Any | None, config: ModelConfig, device: Any) -> Any:
