@@ -153,3 +153,22 @@ def test_sampler_refuses_a_changed_dataset() -> None:
     state = PromptSampler([1, 2, 3], 2, seed=0).state_dict()
     with pytest.raises(TSPOError, match="3 questions"):
         PromptSampler([1, 2], 2, seed=0).load_state_dict(state)
+
+
+def _field_paths(model: type, prefix: str = "") -> list[str]:
+    from pydantic import BaseModel
+
+    paths = []
+    for name, field in model.model_fields.items():
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            paths += _field_paths(annotation, f"{prefix}{name}.")
+        else:
+            paths.append(f"{prefix}{name}")
+    return paths
+
+
+def test_every_config_field_is_documented() -> None:
+    reference = (CONFIGS.parent / "docs" / "training.md").read_text(encoding="utf-8")
+    missing = [path for path in _field_paths(TrainConfig) if f"`{path}`" not in reference]
+    assert not missing, f"docs/training.md lacks {missing}"

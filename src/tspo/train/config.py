@@ -214,9 +214,6 @@ class TrainSection(_Section):
         description="Recompute old log-probs with a forward pass instead of trusting the "
         "sampler's (exact ratios of 1 on the first update).",
     )
-    rollout_batch_size: int | None = Field(
-        None, ge=1, description="Questions per rollout call; None = all questions of the step."
-    )
     bf16: bool = Field(True, description="bf16 autocast on CUDA (ignored on CPU).")
     seed: int = Field(0, description="Seed for data order, sampling and initialisation.")
     output_dir: str = Field("runs/tspo", description="Metrics, samples and checkpoints go here.")
