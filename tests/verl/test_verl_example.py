@@ -3,8 +3,11 @@
 This is as far as a CPU gets: the run itself needs GPUs and vLLM (docs/scaling-with-verl.md).
 """
 
+import runpy
+import sys
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
@@ -20,6 +23,7 @@ from verl_helpers import Spec, algo_inputs, verl_batch
 
 import tspo.integrations.verl.tool  # noqa: F401  (registers the tspo_search format)
 from tspo.algo import compute_advantages
+from tspo.data.qa import QAExample, write_flashrag_jsonl
 from tspo.integrations.verl.reward import compute_score
 
 pytestmark = pytest.mark.verl
@@ -102,3 +106,20 @@ def test_the_estimator_reads_its_options_from_the_examples_algorithm_node(config
     advantages, _ = get_adv_estimator_fn("tspo")(**verl_batch(specs), config=config)
     expected = compute_advantages("tspo", lam=0.25, eps=1e-6, **algo_inputs(specs))
     assert torch.equal(advantages, expected)
+
+
+def test_prepared_rows_carry_the_question_the_reward_function_needs(tmp_path, monkeypatch):
+    source, out = tmp_path / "train.jsonl", tmp_path / "verl" / "train.parquet"
+    write_flashrag_jsonl([QAExample("q1", "Capital of Australia?", ["Canberra"], "nq", {})], source)
+    monkeypatch.setattr(sys, "argv", ["prepare_data.py", str(source), str(out)])
+    runpy.run_path(str(EXAMPLE_DIR / "prepare_data.py"), run_name="__main__")
+    (row,) = pq.read_table(out).to_pylist()
+    assert row["extra_info"]["question"] == "Capital of Australia?"
+    assert row["prompt"][0]["content"].endswith("Question: Capital of Australia?\n")
+    result = compute_score(
+        row["data_source"],
+        "<search>capital</search>\n\n<information>Doc 1(Title: Canberra) Canberra</information>",
+        row["reward_model"]["ground_truth"],
+        row["extra_info"],
+    )
+    assert result["score"] == 4.0
