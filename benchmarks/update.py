@@ -8,7 +8,8 @@ trainers compute them outside their loss).
 Both sides get the *same* batch: TRL's own ``_generate_and_score_completions`` samples it once from
 the model (B = prompts x group size, completions of ``--completion-tokens``), then the same tensors
 go to ``GRPOTrainer.compute_loss`` and to ``tspo.train.update.ppo_update``, starting from the same
-weights. Each side runs in its own subprocess so its peak memory is its own.
+weights. Each side runs in its own subprocesses (so its peak memory is its own), alternating
+tspo, TRL, tspo, ... for ``--rounds`` rounds so a change in machine load hits both sides alike.
 
     python benchmarks/update.py                  # CPU, tiny model
     python benchmarks/update.py --device cuda --preset qwen2.5-0.5b-shape
@@ -50,7 +51,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--group-size", type=int, default=4, help="trajectories per question")
     parser.add_argument("--completion-tokens", type=int, default=128, help="tokens per completion")
     parser.add_argument("--micro-batch", type=int, default=4, help="trajectories per forward pass")
-    parser.add_argument("--repeats", type=int, default=5, help="timed updates per side")
+    parser.add_argument("--repeats", type=int, default=3, help="timed updates per worker run")
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="worker runs per side, alternating tspo and TRL"
+    )
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA) on both sides")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
@@ -273,7 +277,11 @@ def markdown(report: dict[str, Any]) -> str:
         f"({report['settings']['prompts']} prompts x group {report['settings']['group_size']}), "
         f"completions of {shape['completion_tokens_mean']:.0f} tokens on average "
         f"(max {shape['completion_tokens_max']}), micro-batch {report['settings']['micro_batch']}, "
-        f"device {report['settings']['device']}, trl {report['trl_version']}.",
+        f"device {settings['device']}{' (bf16 autocast)' if settings['bf16'] else ''}, "
+        f"{report['machine']['cpu_count']} CPUs, {report['machine']['torch_threads']} torch "
+        f"threads{', ' + report['machine']['gpu'] if 'gpu' in report['machine'] else ''}, "
+        f"trl {report['trl_version']}. Median of {len(report['results']['tspo']['seconds'])} "
+        f"timed updates per side over {settings['rounds']} alternating rounds.",
         "",
         "| trainer | update tokens/s (median) | seconds per update (median) | peak memory MiB |",
         "|---|---:|---:|---:|",
@@ -308,18 +316,28 @@ def main(argv: list[str] | None = None) -> None:
         shape = prepare(args, workdir)
         batch = torch.load(workdir / "batch.pt", weights_only=True)
         tokens = int(batch["prompt_mask"].sum() + batch["completion_mask"].sum())
-        results = {}
-        for side in ("tspo", "trl"):
-            measured = run_side(side, argv, workdir)
-            median = statistics.median(measured["seconds"])
-            results[side] = {
-                **measured,
-                "median_seconds": median,
-                "tokens_per_s": tokens / median,
-            }
+        runs: dict[str, list[dict[str, Any]]] = {"tspo": [], "trl": []}
+        for _ in range(args.rounds):
+            for side in runs:
+                runs[side].append(run_side(side, argv, workdir))
+    results = {}
+    for side, measured in runs.items():
+        seconds = [s for run in measured for s in run["seconds"]]
+        median = statistics.median(seconds)
+        results[side] = {
+            "seconds": seconds,
+            "median_seconds": median,
+            "tokens_per_s": tokens / median,
+            **{
+                key: max(run[key] for run in measured)
+                for key in ("peak_rss_mb", "peak_cuda_mb")
+                if key in measured[0]
+            },
+        }
     report = {
         "benchmark": "policy update (forward+backward+optimizer step over one step's batch)",
         "settings": {k: v for k, v in vars(args).items() if k not in {"out", "worker", "workdir"}},
+        "note": "seconds per update of every timed update; medians over all rounds",
         "shape": {**shape, "tokens_per_update": tokens},
         "trl_version": trl.__version__,
         "results": results,
