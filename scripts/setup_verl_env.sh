@@ -28,7 +28,7 @@ pip=("$venv_dir/bin/python" -m pip install -q)
 "${pip[@]}" torch==2.13.0 \
     ray "tensordict>=0.8,<=0.10.0,!=0.9.0" codetiming hydra-core pylatexenc torchdata cachetools \
     "transformers>=5,<5.11" datasets pillow peft uvicorn fastapi numpy pandas pyarrow \
-    pytest "hypothesis>=6.100" httpx "bm25s>=0.2.10" scipy
+    aiohttp pytest "hypothesis>=6.100" httpx "bm25s>=0.2.10" scipy
 # tspo itself without its heavy extras (dense retrieval, training): the adapter needs tspo.algo,
 # tspo.protocol and the retrieval client; its tests also serve a BM25 index over HTTP.
 "${pip[@]}" --no-deps -e "$repo_root"
