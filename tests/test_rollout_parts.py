@@ -128,3 +128,15 @@ def test_chat_template_prompts():
     assert tok.decode(prompt) == build_prompt(example.question, tok, use_chat_template=True)
     assert tok.decode(prompt).endswith("<|bot|>")
     assert batch.trajectories[0].generated == ["<answer></answer>"]
+
+
+def test_sliding_window_models_are_refused():
+    from transformers import Qwen2Config
+
+    from tspo.rollout.context import new_cache
+
+    shape = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+    assert len(new_cache(Qwen2Config(**shape)).layers) == 2
+    sliding = Qwen2Config(**shape, use_sliding_window=True, sliding_window=8, max_window_layers=0)
+    with pytest.raises(TSPOError, match="full-attention"):
+        new_cache(sliding)

@@ -17,6 +17,8 @@ import torch
 from transformers import DynamicCache, LlamaForCausalLM
 from transformers.cache_utils import DynamicLayer
 
+from tspo.errors import TSPOError
+
 # transformers renamed ``past_key_values`` to ``cache`` during 5.x; use whichever this version has
 # (decided once from a stock model class, so wrapped models with ``**kwargs`` forwards work too).
 CACHE_KWARG = (
@@ -91,11 +93,16 @@ class BufferedLayer(DynamicLayer):
 
 
 def new_cache(config) -> DynamicCache:
-    """A `DynamicCache` whose full-attention layers are `BufferedLayer`s."""
+    """A `DynamicCache` of `BufferedLayer`s.
+
+    Holes would shift a sliding window (it counts columns, not tokens), so only models whose
+    layers all use full attention are supported.
+    """
     cache = DynamicCache(config=config)
-    cache.layers = [
-        BufferedLayer() if type(layer) is DynamicLayer else layer for layer in cache.layers
-    ]
+    if any(type(layer) is not DynamicLayer for layer in cache.layers):
+        kinds = sorted({type(layer).__name__ for layer in cache.layers})
+        raise TSPOError(f"rollouts need full-attention layers only; this model has {kinds}")
+    cache.layers = [BufferedLayer() for _ in cache.layers]
     return cache
 
 
@@ -164,10 +171,9 @@ class CachedContext:
         self.positions = self.positions.index_select(0, rows)
 
     def reserve(self, columns: int) -> None:
-        """Preallocate room for ``columns`` more columns in every buffered layer."""
+        """Preallocate room for ``columns`` more columns in every layer."""
         for layer in self.cache.layers:
-            if isinstance(layer, BufferedLayer):
-                layer.reserve(columns)
+            layer.reserve(columns)
 
     def compact(self) -> None:
         """Move each row's real columns to the right; drop columns that are holes in every row."""
@@ -179,12 +185,5 @@ class CachedContext:
         # Stable sort on the mask puts holes first and keeps real columns in order.
         order = self.mask.sort(dim=1, stable=True).indices[:, -width:]
         for layer in self.cache.layers:
-            if isinstance(layer, BufferedLayer):
-                layer.gather_columns(order)
-            else:
-                index = order[:, None, :, None].expand(
-                    -1, layer.keys.shape[1], -1, layer.keys.shape[3]
-                )
-                layer.keys = layer.keys.gather(2, index)
-                layer.values = layer.values.gather(2, index)
+            layer.gather_columns(order)
         self.mask = self.mask.gather(1, order)
