@@ -92,6 +92,8 @@ def test_unknown_options_and_kl_in_reward_are_errors():
     estimator = get_adv_estimator_fn("tspo")
     with pytest.raises(TSPOError, match="no option"):
         estimator(**batch, config=OmegaConf.create({"tspo": {"lamda": 0.5}}))
+    with pytest.raises(TSPOError, match="mapping"):
+        estimator(**batch, config=OmegaConf.create({"tspo": 0.5}))
     with pytest.raises(TSPOError, match="use_kl_in_reward"):
         estimator(**batch, config=OmegaConf.create({"use_kl_in_reward": True}))
     with pytest.raises(TSPOError, match="uid"):

@@ -93,8 +93,9 @@ def decode_batch(
         )
     outcome, first_hit_turn = decode_scores(token_level_rewards)
     turn_ids = turn_ids_from_response_mask(response_mask)
-    num_turns = (turn_ids.max(dim=1).values + 1).clamp(min=0) if turn_ids.shape[1] else None
-    if num_turns is None:
+    if turn_ids.shape[1]:
+        num_turns = turn_ids.max(dim=1).values + 1  # 0 for a row without loss tokens
+    else:
         num_turns = torch.zeros_like(first_hit_turn)
     invalid = (first_hit_turn >= num_turns) | (first_hit_turn < -1)
     if bool(invalid.any()):

@@ -43,7 +43,7 @@ def estimator_options(config: Any) -> dict[str, Any]:
     node = config.get(OPTIONS_NODE, None)
     if node is None:
         return {}
-    if not isinstance(node, Mapping) and not hasattr(node, "items"):
+    if not isinstance(node, Mapping):  # a DictConfig is a Mapping too
         raise TSPOError(f"algorithm.{OPTIONS_NODE} must be a mapping of estimator options")
     return {str(key): value for key, value in node.items()}
 
