@@ -108,6 +108,7 @@ def test_invalid_actions_get_masked_message_and_turn_limit_truncates(tok):
     assert trajectory.generated == ["junk" * 5, "junk" * 5]
     assert trajectory.observations == [None, None]
     assert trajectory.response_text == "junk" * 5 + INVALID_ACTION_MESSAGE + "junk" * 5
+    assert trajectory.final_answer is None  # not the "<answer> and </answer>" of the message
     message_len = len(tok.encode(INVALID_ACTION_MESSAGE, add_special_tokens=False))
     assert batch.loss_mask[0].tolist() == [1.0] * 5 + [0.0] * message_len + [1.0] * 5
     assert batch.turn_ids[0].tolist() == [0] * 5 + [-1] * message_len + [1] * 5

@@ -8,7 +8,7 @@ from rollout_helpers import DOCS, WordOverlapRetriever, make_tokenizer, scripted
 
 from tspo.data.qa import QAExample
 from tspo.errors import TSPOError
-from tspo.protocol import build_prompt
+from tspo.protocol import INVALID_ACTION_MESSAGE, build_prompt
 from tspo.rollout import RolloutConfig, RolloutEngine, Trajectory, score_trajectory
 from tspo.rollout.assemble import Segment, assemble_batch
 from tspo.rollout.sampling import next_tokens
@@ -94,16 +94,18 @@ def test_assemble_batch_layout():
     assert batch.outcome.tolist() == [1.0, 0.0] and batch.first_hit_turn.tolist() == [0, -1]
 
 
-def test_scoring_reads_the_last_answer_of_the_response_only():
+def test_scoring_reads_the_last_answer_the_model_wrote():
     trajectory = Trajectory(
         "a",
         "Who wrote Hamlet?",
         ["William Shakespeare"],
         "s",
         group_id=0,
-        generated=["<search> hamlet </search>", "<answer> Marlowe </answer>"],
+        generated=[
+            "<search> hamlet </search>",
+            "<answer>Bacon</answer><answer> william  Shakespeare! </answer>",
+        ],
         observations=["Doc 1(Title: Hamlet) by William Shakespeare.", None],
-        response_text="<answer>Bacon</answer> <answer> william  Shakespeare! </answer>",
     )
     score_trajectory(trajectory)
     assert trajectory.final_answer == "william  Shakespeare!"
@@ -112,8 +114,13 @@ def test_scoring_reads_the_last_answer_of_the_response_only():
     assert score_trajectory(trajectory).first_hit_turn == -1
     generated = score_trajectory(trajectory, detect_in="generated")
     assert generated.first_hit_turn == -1  # the final answer itself is not evidence
-    trajectory.response_text = "no answer at all"
-    assert score_trajectory(trajectory).outcome == 0.0
+    # The corrective message spells out "<answer> and </answer>": it is not the model's answer.
+    trajectory.generated = ["I don't know", "still nothing"]
+    trajectory.response_text = "I don't know" + INVALID_ACTION_MESSAGE + "still nothing"
+    score_trajectory(trajectory)
+    assert trajectory.final_answer is None and trajectory.outcome == 0.0
+    trajectory.generated = ["<answer> Marlowe </answer>", "nothing"]
+    assert score_trajectory(trajectory).final_answer == "Marlowe"
 
 
 def test_chat_template_prompts():

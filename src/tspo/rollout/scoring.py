@@ -2,19 +2,31 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from tspo.algo import exact_match, f1_score, first_occurrence_turn
 from tspo.protocol import extract_last_answer
 from tspo.rollout.batch import Trajectory
 
 
+def last_generated_answer(generated: Sequence[str]) -> str | None:
+    """The last complete ``<answer>`` the model wrote, searching its turns from the last one.
+
+    Only the model's own text counts: the prompt shows an example answer, and the corrective
+    message the environment appends after an invalid action spells out ``<answer> and </answer>``.
+    """
+    for text in reversed(generated):
+        answer = extract_last_answer(text)
+        if answer is not None:
+            return answer
+    return None
+
+
 def score_trajectory(
     trajectory: Trajectory, *, detect_in: str = "retrieved", min_answer_chars: int = 2
 ) -> Trajectory:
-    """Fill ``final_answer``, ``outcome``, ``f1`` and ``first_hit_turn`` in place; return it.
-
-    The answer is the last ``<answer>`` of the response (never the prompt, which shows an example).
-    """
-    answer = extract_last_answer(trajectory.response_text)
+    """Fill ``final_answer``, ``outcome``, ``f1`` and ``first_hit_turn`` in place; return it."""
+    answer = last_generated_answer(trajectory.generated)
     trajectory.final_answer = answer
     trajectory.outcome = exact_match(answer, trajectory.golds)
     trajectory.f1 = f1_score(answer, trajectory.golds)
