@@ -88,11 +88,14 @@ def test_one_training_step_and_eval(
             # full fine-tuning is the same code path, covered by the micro-model tests.
             "model.lora.enabled=true",
             "model.lora.r=4",
+            # The sampler's own log-probs serve as old log-probs: one 135M forward pass fewer.
+            "train.recompute_old_logprobs=false",
         ],
     )
     result = train(config)
     (metrics,) = result.metrics
     assert math.isfinite(metrics["loss"]) and math.isfinite(metrics["kl_ref"])
+    assert metrics["approx_kl"] == pytest.approx(0.0, abs=1e-3)  # sampler vs forward log-probs
     assert metrics["num_trajectories"] == 2 and metrics["generated_tokens"] > 0
     assert (result.last_checkpoint / "adapter_config.json").is_file()
 
