@@ -129,6 +129,19 @@ def test_groups_padding_and_batched_retrieval(tok):
     assert bool((batch.prompt_ids[0][pad_cols] == tok.pad_token_id).all())
 
 
+def test_end_of_sequence_ends_the_turn(tok):
+    eos = tok.eos_token
+    chain = {"\n": ["<answer>"], "<answer>": ["shakespeare"], "shakespeare": [eos]}
+    batch, _, _ = run(tok, chain, [HAMLET], max_turns=1)
+    (trajectory,) = batch.trajectories
+    # The unclosed answer is invalid; the EOS token is kept (and trained on) but not shown.
+    assert trajectory.generated == ["<answer>shakespeare"] * 2
+    assert trajectory.final_answer is None
+    message_len = len(tok.encode(INVALID_ACTION_MESSAGE, add_special_tokens=False))
+    assert batch.loss_mask[0].tolist() == [1.0] * 3 + [0.0] * message_len + [1.0] * 3
+    assert batch.response_ids[0][2].item() == tok.eos_token_id
+
+
 @pytest.mark.parametrize("stop", ["</search>", "</answer>"])
 def test_multi_token_stop_strings_end_the_turn(stop):
     tok = make_tokenizer(protocol_tags=False, merges=False)
