@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 from tspo.quickstart.settings import EvalStage, PolicyStage, QuickstartSettings, RLStage, WorldStage
 from tspo.sft import SFTConfig
 
@@ -31,3 +33,16 @@ def mini_settings(**rl_overrides) -> QuickstartSettings:
         rl=RLStage(**rl),
         eval=EvalStage(max_examples=4, batch_size=4),
     )
+
+
+@contextmanager
+def torch_threads(count: int):
+    """Run with ``count`` torch CPU threads, then restore: tiny models are fastest on one."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

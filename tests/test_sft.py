@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from quickstart_helpers import torch_threads
 
 from tspo.data.expert import ExpertNoise, run_expert
 from tspo.data.world import generate_world, iter_world_text, qa_examples
@@ -17,6 +18,12 @@ from tspo.sft import SFTConfig, collate, encode_episode, masked_lm_loss, save_po
 class _Doc:
     def __init__(self, doc_id: str, title: str, text: str):
         self.id, self.title, self.text = doc_id, title, text
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +40,7 @@ def episodes(world):
 
 @pytest.fixture(scope="module")
 def tokenizer(world, episodes):
-    return train_tokenizer(tokenizer_texts(world, episodes), vocab_size=600)
+    return train_tokenizer(tokenizer_texts([world], episodes), vocab_size=600)
 
 
 def test_tokenizer_round_trips_world_text(world, tokenizer):
@@ -113,3 +120,44 @@ def test_mismatched_episode_is_a_clear_error(tokenizer):
 
     with pytest.raises(TSPOError, match="2 generations but 1 observations"):
         encode_episode(tokenizer, "Q?", ["<search>a</search>", "<answer>b</answer>"], [None])
+
+
+def test_practice_worlds_share_no_question_entities_with_the_real_world(world):
+    from tspo.quickstart.pipeline import expert_episodes
+    from tspo.quickstart.settings import PolicyStage
+
+    retriever = BM25Retriever.from_docs([_Doc(k, t, x) for k, (t, x) in world.documents.items()])
+    policy = PolicyStage(practice_worlds=2, expert_passes=1)
+    episodes, worlds = expert_episodes(world, retriever, policy, rollout_topk=3, max_turns=4)
+    assert len(worlds) == 3 and worlds[0] is world
+    assert len({w.seed for w in worlds}) == 3
+    names = {e.name for e in world.entities.values()}
+    test_subjects = {world.entities[q.subject].name for q in world.questions["test"]}
+    practice = episodes[len(qa_examples(world, "train")) :]
+    assert practice
+    for episode in practice:
+        assert not names.intersection(episode.example.metadata["chain"])
+    for episode in episodes:
+        assert episode.example.metadata["chain"][0] not in test_subjects
+
+
+def test_sft_cli_saves_a_checkpoint_auto_classes_load(tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from typer.testing import CliRunner
+
+    from tspo.cli import app
+
+    runner = CliRunner()
+    world_dir, out = tmp_path / "world", tmp_path / "sft"
+    result = runner.invoke(app, ["data", "world", "--size", "tiny", "--out", str(world_dir)])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(
+        app,
+        ["sft", "--world", str(world_dir), "--out", str(out), "--practice-worlds", "0"]
+        + ["--vocab-size", "500", "--epochs", "1"],
+    )
+    assert result.exit_code == 0, result.output
+    model = AutoModelForCausalLM.from_pretrained(out)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    assert model.config.vocab_size >= len(tokenizer)
+    assert tokenizer.convert_tokens_to_ids("<search>") != tokenizer.unk_token_id

@@ -25,9 +25,9 @@ from tspo.protocol import build_prompt, truncate_to_tokens, wrap_information
 class SFTConfig:
     """Hyper-parameters of the SFT warm start."""
 
-    epochs: int = 3
+    epochs: int = 1
     batch_size: int = 16
-    lr: float = 2e-3
+    lr: float = 3e-3
     warmup_ratio: float = 0.05
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0

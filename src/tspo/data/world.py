@@ -297,18 +297,17 @@ def _drop_ambiguous_aliases(entities: dict[str, Entity]) -> None:
 # Documents
 
 
-_PROFESSIONS = "painter engineer merchant botanist sailor teacher surveyor weaver chemist".split()
-_SECTORS = "shipping mining textile software brewing printing optics farming".split()
-_RIVERS = "Ulm Tessa Varo Kell Ombra Drin".split()
-
-
 def _other(rng: random.Random, pool: list[Entity], avoid: set[str]) -> Entity:
     choices = [e for e in pool if e.id not in avoid]
     return rng.choice(choices)
 
 
 def _make_document(entity: Entity, world: dict[str, Entity], rng: random.Random) -> str:
-    """The text of ``entity``'s document: its relation sentences mixed with distractors."""
+    """The text of ``entity``'s document: its relation sentences mixed with distractors.
+
+    Every distractor names an entity of the kind a question could ask for (another city, another
+    organisation, another person), so reading the right sentence matters.
+    """
     name = entity.name
     of_kind = {kind: [e for e in world.values() if e.kind == kind] for kind in KINDS}
     facts = [
@@ -320,22 +319,18 @@ def _make_document(entity: Entity, world: dict[str, Entity], rng: random.Random)
     if entity.kind == "person":
         moved = _other(rng, of_kind["city"], related)
         distractors += [
-            f"{name} is a {rng.choice(_PROFESSIONS)}.",
             f"Later in life {name} moved to {moved.name}.",
             f"{name} once gave a talk at {_other(rng, of_kind['org'], related).name}.",
         ]
     elif entity.kind == "org":
         distractors += [
-            f"{name} is a {rng.choice(_SECTORS)} company.",
             f"{name} has a branch office in {_other(rng, of_kind['city'], related).name}.",
             f"{_other(rng, of_kind['person'], related).name} chairs the board of {name}.",
         ]
     elif entity.kind == "city":
         twin_city = _other(rng, of_kind["city"], related)
         distractors += [
-            f"{name} lies on the river {rng.choice(_RIVERS)}.",
             f"{name} is twinned with {twin_city.name}.",
-            f"About {rng.randint(20, 900) * 1000} people live in {name}.",
         ]
     else:
         capital = entity.relations["capital"]

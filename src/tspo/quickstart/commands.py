@@ -43,14 +43,18 @@ def sft(
     index: Path | None = typer.Option(
         None, "--index", help="BM25 index of the world's corpus; built in memory when omitted."
     ),
-    epochs: int = typer.Option(3, "--epochs", help="Passes over the expert episodes."),
-    lr: float = typer.Option(2e-3, "--lr", help="Peak learning rate (AdamW, cosine decay)."),
+    epochs: int = typer.Option(1, "--epochs", help="Passes over the expert episodes."),
+    lr: float = typer.Option(3e-3, "--lr", help="Peak learning rate (AdamW, cosine decay)."),
     early_answer: float = typer.Option(
         0.6, "--early-answer", help="How often the expert answers one hop too early."
     ),
     wrong_query: float = typer.Option(
         0.15, "--wrong-query", help="How often the expert searches a near-duplicate name."
     ),
+    practice_worlds: int = typer.Option(
+        6, "--practice-worlds", help="Extra worlds whose questions add SFT episodes."
+    ),
+    vocab_size: int = typer.Option(1000, "--vocab-size", help="Tokenizer vocabulary size."),
     seed: int = typer.Option(0, "--seed", help="Seed for the expert, the model and SFT."),
 ) -> None:
     """Warm-start a tiny policy: train a tokenizer on the world, build a small Qwen2-style model,
@@ -70,6 +74,8 @@ def sft(
         corpus=None if index else str(world_dir / CORPUS_FILE),
     )
     settings = PolicyStage(
+        vocab_size=vocab_size,
+        practice_worlds=practice_worlds,
         early_answer=early_answer,
         wrong_query=wrong_query,
         sft=replace(SFTConfig(), epochs=epochs, lr=lr, seed=seed),

@@ -22,6 +22,8 @@ from tspo.retrieval.base import Retriever
 from tspo.utils import progress_bar, write_json
 
 STAGE_FILE = "stage.json"
+PROTOCOL_TEXT_WEIGHT = 200  # copies of the prompt text the tokenizer trains on
+PRACTICE_SEED_BASE = 1_000_000  # practice worlds' seeds start here, far from user seeds
 
 
 @dataclass(frozen=True)
@@ -122,40 +124,72 @@ def ensure_index(paths: RunPaths, settings: QuickstartSettings, console: Console
     return load_retriever(paths.index)
 
 
-def tokenizer_texts(world: Any, episodes: list[Any]) -> list[str]:
-    """What the tokenizer learns from: the world's text, the protocol's text, expert turns."""
+def tokenizer_texts(worlds: list[Any], episodes: list[Any]) -> list[str]:
+    """What the tokenizer learns from: the worlds' text, the protocol's text, expert turns.
+
+    The prompt is repeated so its words become whole tokens (it opens every sequence); names stay
+    split into syllable pieces shared by all worlds, so copying a name the policy has never seen
+    is made of moves it has practised.
+    """
     from tspo.data.world import iter_world_text
     from tspo.protocol import INVALID_ACTION_MESSAGE, PROMPT_TEMPLATE
 
-    texts = list(iter_world_text(world))
-    texts += [PROMPT_TEMPLATE, INVALID_ACTION_MESSAGE]
+    texts = [text for world in worlds for text in iter_world_text(world)]
+    texts += [PROMPT_TEMPLATE, INVALID_ACTION_MESSAGE] * PROTOCOL_TEXT_WEIGHT
     texts += [turn for episode in episodes for turn in episode.generated]
     return texts
 
 
+def practice_worlds(world: Any, count: int) -> list[Any]:
+    """``count`` extra worlds (same size, other seeds) whose questions only feed SFT."""
+    from tspo.data.world import generate_world
+
+    return [
+        generate_world(PRACTICE_SEED_BASE + world.seed * 1000 + i, world.size) for i in range(count)
+    ]
+
+
 def expert_episodes(
     world: Any, retriever: Retriever, policy: PolicyStage, rollout_topk: int, max_turns: int
-) -> list[Any]:
-    """``policy.expert_passes`` noisy expert episodes for every training question."""
+) -> tuple[list[Any], list[Any]]:
+    """Noisy expert episodes and the worlds they come from.
+
+    Every training question of ``world`` is played ``policy.expert_passes`` times, and every
+    question of ``policy.practice_worlds`` extra worlds once. Practice worlds share no names with
+    ``world``, so the policy must learn to copy names from the question and the documents instead
+    of memorising the training entities. Test entities of ``world`` stay unseen.
+    """
+    from tspo.data.corpus import CorpusDoc
     from tspo.data.expert import ExpertNoise, run_expert
-    from tspo.data.world import qa_examples
+    from tspo.data.world import SPLITS, qa_examples
+    from tspo.retrieval.bm25 import BM25Retriever
 
     noise = ExpertNoise(
         early_answer=policy.early_answer, wrong_query=policy.wrong_query, recover=policy.recover
     )
+    options = {"noise": noise, "topk": rollout_topk, "max_turns": max_turns}
     train = qa_examples(world, "train")
     episodes = []
     for run in range(policy.expert_passes):
+        episodes += run_expert(world, train, retriever, seed=policy.seed * 1000 + run, **options)
+    extra = practice_worlds(world, policy.practice_worlds)
+    names = {entity.name for entity in world.entities.values()}
+    for index, practice in enumerate(extra):
+        docs = [CorpusDoc(eid, title, text) for eid, (title, text) in practice.documents.items()]
+        questions = [
+            q
+            for split in SPLITS
+            for q in qa_examples(practice, split)
+            if not names.intersection(q.metadata["chain"])  # a name clash with the real world
+        ]
         episodes += run_expert(
-            world,
-            train,
-            retriever,
-            noise=noise,
-            seed=policy.seed * 1000 + run,
-            topk=rollout_topk,
-            max_turns=max_turns,
+            practice,
+            questions,
+            BM25Retriever.from_docs(docs),
+            seed=policy.seed * 1000 + 500 + index,
+            **options,
         )
-    return episodes
+    return episodes, [world, *extra]
 
 
 def train_policy(
@@ -178,8 +212,8 @@ def train_policy(
     from tspo.utils import set_seed
 
     set_seed(policy.seed)
-    episodes = expert_episodes(world, retriever, policy, topk, max_turns)
-    tokenizer = train_tokenizer(tokenizer_texts(world, episodes), vocab_size=policy.vocab_size)
+    episodes, worlds = expert_episodes(world, retriever, policy, topk, max_turns)
+    tokenizer = train_tokenizer(tokenizer_texts(worlds, episodes), vocab_size=policy.vocab_size)
     model = build_tiny_model(
         tokenizer, policy.model_preset, seed=policy.seed, **policy.model_overrides
     )

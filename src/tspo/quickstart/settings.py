@@ -9,7 +9,7 @@ from typing import Any
 
 from tspo.sft import SFTConfig
 
-# A small Qwen2-shaped model (~1M parameters with the world's ~1.7k-token vocabulary): big enough
+# A small Qwen2-shaped model (~0.9M parameters with a 1k-token vocabulary): big enough
 # to learn to copy names between question, documents and queries, small enough for a CPU.
 QUICKSTART_MODEL: dict[str, Any] = {
     "hidden_size": 128,
@@ -33,13 +33,14 @@ class WorldStage:
 class PolicyStage:
     """Tokenizer, model shape, the noisy expert and the SFT warm start."""
 
-    vocab_size: int = 2000
+    vocab_size: int = 1000
     model_preset: str = "tiny"
     model_overrides: dict[str, Any] = field(default_factory=lambda: dict(QUICKSTART_MODEL))
     early_answer: float = 0.6  # the expert answers a hop early this often (see tspo.data.expert)
     wrong_query: float = 0.15
     recover: float = 0.5
-    expert_passes: int = 2  # noisy expert episodes per training question
+    expert_passes: int = 1  # noisy expert episodes per training question
+    practice_worlds: int = 6  # extra worlds whose questions only feed SFT (see pipeline)
     sft: SFTConfig = field(default_factory=SFTConfig)
     seed: int = 0
 
@@ -52,7 +53,7 @@ class RLStage:
     steps: int = 40
     prompts_per_step: int = 8
     group_size: int = 4
-    lr: float = 2e-4
+    lr: float = 3e-4
     kl_coef: float = 0.001
     alpha: float = 0.5
     temperature: float = 1.0
