@@ -34,7 +34,7 @@ from transformers import LlamaForCausalLM
 
 from tspo.data.corpus import CorpusDoc
 from tspo.data.qa import QAExample
-from tspo.models.tiny import build_tiny_model, count_parameters, train_tokenizer
+from tspo.models.tiny import MODEL_PRESETS, build_tiny_model, count_parameters, train_tokenizer
 from tspo.protocol import PROTOCOL_TAGS, build_prompt, wrap_information
 from tspo.retrieval.bm25 import BM25Retriever
 from tspo.rollout import RolloutConfig, RolloutEngine
@@ -79,7 +79,8 @@ def synthetic_corpus(count: int, seed: int) -> list[CorpusDoc]:
 
 def build_model(args, tokenizer) -> ChainLlama:
     """The preset's random network plus a chain bias making each turn ``turn_tokens`` long."""
-    base = build_tiny_model(tokenizer, args.preset, seed=args.seed)
+    vocab = max(args.vocab_size, len(tokenizer), MODEL_PRESETS[args.preset].get("vocab_size", 0))
+    base = build_tiny_model(tokenizer, args.preset, seed=args.seed, vocab_size=vocab)
     word_ids = [tokenizer.encode(" " + w, add_special_tokens=False) for w in WORDS]
     word_ids = list(dict.fromkeys(ids[0] for ids in word_ids if len(ids) == 1))
     tag = {t: tokenizer.convert_tokens_to_ids(t) for t in PROTOCOL_TAGS}
@@ -228,6 +229,14 @@ def run(args) -> dict:
     }
 
 
+def describe_machine(info: dict) -> str:
+    parts = [info["platform"], f"{info['cpu_count']} CPUs", f"Python {info['python']}"]
+    parts.append(f"torch {info.get('torch')} ({info.get('torch_threads')} CPU threads)")
+    if "gpu" in info:
+        parts.append(f"GPU {info['gpu']}")
+    return ", ".join(parts)
+
+
 def markdown(report: dict, command: str) -> str:
     setup, results = report["setup"], report["results"]
     names = {
@@ -273,8 +282,10 @@ def markdown(report: dict, command: str) -> str:
         f"- KV reuse vs single-turn generate: **{vs_generate:.2f}x** (target >= "
         f"{TARGET_VS_GENERATE}x: **{'met' if vs_generate >= TARGET_VS_GENERATE else 'missed'}**).",
         "",
-        f"Machine: {report['machine']}; 1-minute load average at the end "
-        f"{report['load_average_1min']:.1f}. Peak memory (MiB): {report['peak_memory_mb']}.",
+        f"Machine: {describe_machine(report['machine'])}; 1-minute load average at the end "
+        f"{report['load_average_1min']:.1f}. Peak memory: "
+        + ", ".join(f"{k} {v:.0f} MiB" for k, v in report["peak_memory_mb"].items())
+        + ".",
         "",
         f"Reproduce: `{command}`.",
         "",
@@ -286,6 +297,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--preset", default="tiny", help="model preset (tspo.models.tiny)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument(
+        "--vocab-size",
+        type=int,
+        default=4096,
+        help="model vocabulary, at least the tokenizer's (real checkpoints pad theirs too)",
+    )
     parser.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
     parser.add_argument("--batch", type=int, default=16, help="rollouts in the batch")
     parser.add_argument("--group-size", type=int, default=4, help="rollouts per question")

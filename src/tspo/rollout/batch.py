@@ -38,8 +38,9 @@ class Trajectory:
 class RolloutBatch:
     """B rollouts as tensors. Prompts are left-padded, responses right-padded.
 
-    Shapes: ``prompt_ids``/``prompt_mask`` (B, P); every ``response_*`` tensor, ``loss_mask``,
-    ``turn_ids`` and ``old_logprobs`` (B, T); ``outcome``/``first_hit_turn``/``group_ids`` (B,).
+    The engine returns the batch on the CPU. Shapes: ``prompt_ids``/``prompt_mask`` (B, P);
+    every ``response_*`` tensor, ``loss_mask``, ``turn_ids`` and ``old_logprobs`` (B, T);
+    ``outcome``/``first_hit_turn``/``group_ids`` (B,).
     """
 
     prompt_ids: torch.Tensor  # (B, P) long
@@ -48,7 +49,9 @@ class RolloutBatch:
     response_mask: torch.Tensor  # (B, T) long, 1 = real (non-pad) token
     loss_mask: torch.Tensor  # (B, T) float, 1 = token the model generated
     turn_ids: torch.Tensor  # (B, T) long, turn index of loss tokens, -1 elsewhere
-    old_logprobs: torch.Tensor  # (B, T) float, log-prob under the sampling policy, 0 off the mask
+    # (B, T) float: log_softmax(logits) of each generated token under the policy that sampled it,
+    # at temperature 1 and without top-p whatever the sampling settings; 0 off the loss mask.
+    old_logprobs: torch.Tensor
     outcome: torch.Tensor  # (B,) float
     first_hit_turn: torch.Tensor  # (B,) long
     group_ids: torch.Tensor  # (B,) long

@@ -61,7 +61,13 @@ class RolloutEngine:
         greedy: bool = False,
         generator: torch.Generator | None = None,
     ) -> RolloutBatch:
-        """``group_size`` rollouts per example, consecutive rows, group id = example index."""
+        """Roll out ``group_size`` trajectories per example and score them.
+
+        Rows of one example are consecutive and share its index as group id. ``greedy`` decodes
+        by argmax (evaluation); otherwise tokens are sampled with the config's temperature and
+        top-p from uniforms drawn by ``generator`` (any device). The model runs in eval mode
+        under ``no_grad``, and its previous mode is restored.
+        """
         if group_size < 1:
             raise TSPOError(f"group_size must be >= 1, got {group_size}")
         if not examples:
