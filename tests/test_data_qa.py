@@ -257,3 +257,14 @@ def test_unknown_suffix_and_empty_writes(tmp_path: Path) -> None:
         read_qa(tmp_path / "qa.csv")
     with pytest.raises(TSPOError, match="no examples"):
         write_searchr1_parquet([], tmp_path / "x.parquet")
+
+
+def test_searchr1_rows_carry_the_question_in_extra_info(tmp_path) -> None:
+    import pyarrow.parquet as pq
+
+    from tspo.data.qa import QAExample, read_qa, write_searchr1_parquet
+
+    path = tmp_path / "train.parquet"
+    write_searchr1_parquet([QAExample("q1", "Who wrote Hamlet?", ["Shakespeare"], "nq")], path)
+    assert pq.read_table(path).to_pylist()[0]["extra_info"]["question"] == "Who wrote Hamlet?"
+    assert "question" not in read_qa(path)[0].metadata

@@ -148,7 +148,9 @@ def _searchr1_example(path: Path, row: int, columns: dict[str, list[Any]]) -> QA
     extra_info = (columns["extra_info"][row] if "extra_info" in columns else None) or {}
     if not isinstance(extra_info, dict):
         raise TSPOError(f"{where}: column 'extra_info' must be a struct/map")
-    metadata = {key: value for key, value in extra_info.items() if value is not None}
+    metadata = {
+        key: value for key, value in extra_info.items() if value is not None and key != "question"
+    }
 
     if columns.get("question") and columns["question"][row] is not None:
         question = _question(columns["question"][row], where, "question")
@@ -199,7 +201,8 @@ def searchr1_rows(examples: Iterable[QAExample], split: str) -> list[dict[str, A
     """Search-R1 rows for ``examples``, with our prompt (:func:`tspo.protocol.build_prompt`).
 
     The FlashRAG columns (``id``, ``question``, ``golden_answers``) ride along, as in the files
-    Search-R1's scripts write. ``extra_info`` holds ``split``, ``index`` and the metadata.
+    Search-R1's scripts write. ``extra_info`` holds ``split``, ``index``, the metadata and the
+    question (the veRL reward function reads it from there).
     """
     return [
         {
@@ -210,7 +213,7 @@ def searchr1_rows(examples: Iterable[QAExample], split: str) -> list[dict[str, A
             "prompt": [{"role": "user", "content": build_prompt(ex.question)}],
             "ability": "fact-reasoning",
             "reward_model": {"style": "rule", "ground_truth": {"target": list(ex.golds)}},
-            "extra_info": {**ex.metadata, "split": split, "index": index},
+            "extra_info": {**ex.metadata, "split": split, "index": index, "question": ex.question},
         }
         for index, ex in enumerate(examples)
     ]
