@@ -91,7 +91,13 @@ def test_written_parquet_has_the_search_r1_layout(tmp_path: Path) -> None:
         "ground_truth": {"target": ["Leonardo da Vinci", "Leonardo"]},
     }
     # One parquet struct holds every row's metadata keys: keys a row lacks read back as null.
-    assert row["extra_info"] == {"split": "train", "index": 0, "kind": None, "hops": None}
+    assert row["extra_info"] == {
+        "split": "train",
+        "index": 0,
+        "question": EXAMPLES[0].question,
+        "kind": None,
+        "hops": None,
+    }
     assert (row["id"], row["question"], row["golden_answers"]) == (
         "q0",
         EXAMPLES[0].question,
@@ -99,7 +105,7 @@ def test_written_parquet_has_the_search_r1_layout(tmp_path: Path) -> None:
     )
     assert searchr1_rows(EXAMPLES, "train")[0] == {
         **row,
-        "extra_info": {"split": "train", "index": 0},
+        "extra_info": {"split": "train", "index": 0, "question": EXAMPLES[0].question},
     }
 
 
