@@ -15,7 +15,7 @@ documents cut to ``--obs-tokens`` tokens. ``--max-turns 3`` searching turns plus
 turn make 4 turns. All three runs sample at temperature 1 with one seeded generator each; each
 method is timed `--repeats` times, interleaved, and the median is reported.
 
-    python benchmarks/rollout.py                 # CPU, "tiny" preset (~6M parameters)
+    python benchmarks/rollout.py                 # CPU, "tiny" preset (~7M parameters)
     python benchmarks/rollout.py --device cuda --dtype bfloat16 --preset qwen2.5-0.5b-shape \\
         --batch 64 --turn-tokens 256 --obs-tokens 500 --out docs/bench/rollout-gpu
 """
@@ -308,7 +308,12 @@ def main() -> None:
     parser.add_argument("--group-size", type=int, default=4, help="rollouts per question")
     parser.add_argument("--max-turns", type=int, default=3, help="searching turns")
     parser.add_argument("--turn-tokens", type=int, default=64, help="generated tokens per turn")
-    parser.add_argument("--obs-tokens", type=int, default=128, help="observation token budget")
+    parser.add_argument(
+        "--obs-tokens",
+        type=int,
+        default=300,
+        help="observation token budget (3 passages of ~100 words; Search-R1 allows 500)",
+    )
     parser.add_argument("--topk", type=int, default=3, help="documents per search")
     parser.add_argument(
         "--threads", type=int, default=1, help="torch CPU threads (0: torch default)"
