@@ -147,3 +147,15 @@ def test_sliding_window_models_are_refused():
     sliding = Qwen2Config(**shape, use_sliding_window=True, sliding_window=8, max_window_layers=0)
     with pytest.raises(TSPOError, match="full-attention"):
         new_cache(sliding)
+
+
+def test_tokenizer_without_pad_token_pads_with_eos():
+    tok = make_tokenizer(merges=False)
+    model = scripted_model(tok, {"\n": ["<answer>"], "<answer>": ["</answer>"]})
+    tok.pad_token = None
+    engine = RolloutEngine(model, tok, WordOverlapRetriever(DOCS), RolloutConfig(max_turns=0))
+    assert engine.pad_id == tok.eos_token_id
+    examples = [QAExample("a", "Who?", ["x"]), QAExample("b", "Where is the Nile?", ["x"])]
+    batch = engine.generate(examples, 1, greedy=True)
+    assert batch.prompt_ids[0, 0].item() == tok.eos_token_id  # the shorter prompt is padded
+    assert [t.generated for t in batch.trajectories] == [["<answer></answer>"]] * 2
