@@ -38,17 +38,14 @@ class WordOverlapRetriever(Retriever):
         self.calls.append(list(queries))
         results = []
         for query in queries:
-            words = set(re.findall(r"\w+", query.lower()))
-            scored = sorted(
-                (
-                    (-len(words & set(re.findall(r"\w+", f"{t} {x}".lower()))), i)
-                    for i, (t, x) in enumerate(self.docs)
-                )
-            )[:topk]
-            results.append(
-                [Hit(str(i), self.docs[i][0], self.docs[i][1], float(-s)) for s, i in scored]
-            )
+            overlap = [len(_words(query) & _words(f"{t} {x}")) for t, x in self.docs]
+            best = sorted(range(len(self.docs)), key=lambda i: -overlap[i])[:topk]  # stable
+            results.append([Hit(str(i), *self.docs[i], float(overlap[i])) for i in best])
         return results
+
+
+def _words(text: str) -> set[str]:
+    return set(re.findall(r"\w+", text.lower()))
 
 
 def make_tokenizer(*, protocol_tags: bool = True, merges: bool = True):
