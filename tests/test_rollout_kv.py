@@ -113,6 +113,27 @@ def test_context_with_holes_matches_plain_forward(tok):
             torch.testing.assert_close(logits[row], plain, atol=1e-4, rtol=0)
 
 
+def test_split_and_merge_keep_every_row_exact(tok):
+    model = build_tiny_model(tok, "micro", seed=2, initializer_range=0.2).eval()
+    streams = [[5, 6, 7], [8, 9], [10, 11, 12, 13], [14]]
+    context = CachedContext(model, tok.pad_token_id, len(streams))
+    context.extend(streams)
+    kept = torch.tensor([0, 2])
+    child = context.split(kept)
+    child.extend([[20, 21], [22]])
+    child.step(torch.tensor([23, 24]), torch.tensor([False, True]))
+    context.merge(child, kept)
+    streams[0] += [20, 21]
+    streams[2] += [22, 24]
+    logits = context.extend([[30], [31], [32], [33]])
+    context.compact()
+    assert context.positions.tolist() == [len(s) + 1 for s in streams]
+    with torch.no_grad():
+        for row, stream in enumerate(streams):
+            plain = model(input_ids=torch.tensor([[*stream, 30 + row]])).logits[0, -1]
+            torch.testing.assert_close(logits[row], plain, atol=1e-4, rtol=0)
+
+
 def test_real_bm25_retriever(tok, model):
     docs = [CorpusDoc(str(i), title, text) for i, (title, text) in enumerate(DOCS)]
     config = RolloutConfig(max_turns=2, max_turn_tokens=10, max_obs_tokens=200, topk=2)

@@ -80,6 +80,32 @@ class BufferedLayer(DynamicLayer):
         self.length = width
         self._refresh()
 
+    def copy_rows(self, rows: torch.Tensor) -> BufferedLayer:
+        """A new layer holding a copy of ``rows`` (same columns, same spare room)."""
+        layer = BufferedLayer()
+        layer.device, layer.length, layer.spare = self.device, self.length, self.spare
+        layer._keys = self._keys.index_select(0, rows)
+        layer._values = self._values.index_select(0, rows)
+        layer.is_initialized = True
+        layer._refresh()
+        return layer
+
+    def take_columns(self, rows: torch.Tensor, child: BufferedLayer) -> None:
+        """Append ``child``'s columns past our length: rows ``rows`` get its values, others zeros.
+
+        ``child`` must be a `copy_rows` of this layer that has only grown since.
+        """
+        start, end = self.length, child.length
+        if end > self._keys.shape[2]:
+            self._resize(end + self.spare)
+        # Zeros, not stale memory: a masked column still meets its (zero) weight in P @ V.
+        self._keys[:, :, start:end] = 0
+        self._values[:, :, start:end] = 0
+        self._keys[rows, :, start:end] = child._keys[:, :, start:end]
+        self._values[rows, :, start:end] = child._values[:, :, start:end]
+        self.length = end
+        self._refresh()
+
     def _resize(self, capacity: int) -> None:
         shape = (*self._keys.shape[:2], capacity, self._keys.shape[3])
         keys, values = self._keys.new_empty(shape), self._values.new_empty(shape)
@@ -169,6 +195,31 @@ class CachedContext:
         self.cache.batch_select_indices(rows)
         self.mask = self.mask.index_select(0, rows)
         self.positions = self.positions.index_select(0, rows)
+
+    def split(self, rows: torch.Tensor) -> CachedContext:
+        """A new context with a copy of ``rows`` (1-D long index), to decode them on their own.
+
+        Leave this context untouched until ``merge`` brings the copy's new columns back.
+        """
+        rows = rows.to(self.device)
+        child = CachedContext.__new__(CachedContext)
+        child.model, child.pad_id, child.device = self.model, self.pad_id, self.device
+        child.cache = new_cache(self.model.config)
+        child.cache.layers = [layer.copy_rows(rows) for layer in self.cache.layers]
+        child.mask = self.mask.index_select(0, rows)
+        child.positions = self.positions.index_select(0, rows)
+        return child
+
+    def merge(self, child: CachedContext, rows: torch.Tensor) -> None:
+        """Take back what ``child = self.split(rows)`` appended; other rows get holes there."""
+        rows = rows.to(self.device)
+        start = self.mask.shape[1]
+        for layer, child_layer in zip(self.cache.layers, child.cache.layers, strict=True):
+            layer.take_columns(rows, child_layer)
+        extra = self.mask.new_zeros(self.batch_size, child.mask.shape[1] - start)
+        self.mask = torch.cat([self.mask, extra], dim=1)
+        self.mask[rows, start:] = child.mask[:, start:]
+        self.positions[rows] = child.positions
 
     def reserve(self, columns: int) -> None:
         """Preallocate room for ``columns`` more columns in every layer."""

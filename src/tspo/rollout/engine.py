@@ -172,13 +172,19 @@ class RolloutEngine:
         greedy: bool,
         generator: torch.Generator | None,
     ) -> tuple[list[list[int]], list[list[float]]]:
-        """Decode one turn for every row of ``context``; the last token of a row is not fed."""
+        """Decode one turn for every row of ``context``; the last token of a row is not fed.
+
+        Rows that end their turn early would cost a hole per step until the slowest row ends, so
+        once half of the decoding batch has stopped, the running rows move to a smaller context
+        (``split``) and come back at the end of the turn (``merge``).
+        """
         cfg = self.config
         stops = self._stop_checker()
-        rows = context.batch_size
-        tokens: list[list[int]] = [[] for _ in range(rows)]
-        logprobs: list[list[float]] = [[] for _ in range(rows)]
-        running = list(range(rows))
+        tokens: list[list[int]] = [[] for _ in range(context.batch_size)]
+        logprobs: list[list[float]] = [[] for _ in range(context.batch_size)]
+        splits: list[tuple[CachedContext, torch.Tensor]] = []  # (parent, rows of the parent)
+        members = list(range(context.batch_size))  # row of ``context`` held by each active row
+        running = list(members)  # active rows still in their turn
         for step in range(cfg.max_turn_tokens):
             new, new_logprobs = next_tokens(
                 logits,
@@ -188,19 +194,31 @@ class RolloutEngine:
                 generator=generator,
             )
             new_list, logprob_list = new.tolist(), new_logprobs.tolist()
+            active_tokens = [tokens[member] for member in members]
             for row in running:
-                tokens[row].append(new_list[row])
-                logprobs[row].append(logprob_list[row])
+                active_tokens[row].append(new_list[row])
+                logprobs[members[row]].append(logprob_list[row])
             if step == cfg.max_turn_tokens - 1:
                 break
-            ended = set(stops.stopped(new_list, tokens, running))
+            ended = set(stops.stopped(new_list, active_tokens, running))
             ended.update(row for row in running if new_list[row] in self.eos_ids)
             running = [row for row in running if row not in ended]
             if not running:
                 break
-            fed = torch.zeros(rows, dtype=torch.bool)
+            if len(running) <= len(members) // 2:
+                kept = torch.tensor(running, dtype=torch.long)
+                splits.append((context, kept))
+                context = context.split(kept)
+                members = [members[row] for row in running]
+                new = new[kept.to(new.device)]
+                running = list(range(len(members)))
+            fed = torch.zeros(len(members), dtype=torch.bool)
             fed[running] = True
             logits = context.step(new, fed.to(new.device))
+        while splits:
+            parent, kept = splits.pop()
+            parent.merge(context, kept)
+            context = parent
         return tokens, logprobs
 
     def _stop_checker(self) -> StopChecker:
