@@ -28,6 +28,8 @@ def mini_settings(**rl_overrides) -> QuickstartSettings:
             model_preset="micro",
             model_overrides={},
             expert_passes=1,
+            practice_worlds=1,
+            lm_episodes=40,
             sft=SFTConfig(epochs=1, batch_size=32, max_obs_tokens=48),
         ),
         rl=RLStage(**rl),

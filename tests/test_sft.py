@@ -128,16 +128,15 @@ def test_practice_worlds_share_no_question_entities_with_the_real_world(world):
 
     retriever = BM25Retriever.from_docs([_Doc(k, t, x) for k, (t, x) in world.documents.items()])
     policy = PolicyStage(practice_worlds=2, expert_passes=1)
-    episodes, worlds = expert_episodes(world, retriever, policy, rollout_topk=3, max_turns=4)
+    own, practice, worlds = expert_episodes(world, retriever, policy, rollout_topk=3, max_turns=4)
     assert len(worlds) == 3 and worlds[0] is world
     assert len({w.seed for w in worlds}) == 3
     names = {e.name for e in world.entities.values()}
     test_subjects = {world.entities[q.subject].name for q in world.questions["test"]}
-    practice = episodes[len(qa_examples(world, "train")) :]
-    assert practice
+    assert len(own) == len(qa_examples(world, "train")) and practice
     for episode in practice:
         assert not names.intersection(episode.example.metadata["chain"])
-    for episode in episodes:
+    for episode in own + practice:
         assert episode.example.metadata["chain"][0] not in test_subjects
 
 

@@ -69,14 +69,18 @@ class _Episode:
     done: bool = False
 
 
+# Tag contents are written with a space on each side, as in the prompt's example answer: a name
+# then starts with the same token inside a tag as in running text, so copying it is one move.
+
+
 def _search_turn(think: str, query: str) -> str:
-    prefix = f"{THINK_OPEN}{think}{THINK_CLOSE}\n" if think else ""
-    return f"{prefix}{SEARCH_OPEN}{query}{SEARCH_CLOSE}"
+    prefix = f"{THINK_OPEN} {think} {THINK_CLOSE}\n" if think else ""
+    return f"{prefix}{SEARCH_OPEN} {query} {SEARCH_CLOSE}"
 
 
 def _answer_turn(think: str, answer: str) -> str:
-    prefix = f"{THINK_OPEN}{think}{THINK_CLOSE}\n" if think else ""
-    return f"{prefix}{ANSWER_OPEN}{answer}{ANSWER_CLOSE}"
+    prefix = f"{THINK_OPEN} {think} {THINK_CLOSE}\n" if think else ""
+    return f"{prefix}{ANSWER_OPEN} {answer} {ANSWER_CLOSE}"
 
 
 def _corrupt(name: str, world_names: dict[str, str | None], rng: random.Random) -> str:

@@ -54,6 +54,9 @@ def sft(
     practice_worlds: int = typer.Option(
         6, "--practice-worlds", help="Extra worlds whose questions add SFT episodes."
     ),
+    lm_episodes: int = typer.Option(
+        1600, "--lm-episodes", help="Practice episodes for the full-loss warm-up before SFT."
+    ),
     vocab_size: int = typer.Option(1000, "--vocab-size", help="Tokenizer vocabulary size."),
     seed: int = typer.Option(0, "--seed", help="Seed for the expert, the model and SFT."),
 ) -> None:
@@ -76,6 +79,7 @@ def sft(
     settings = PolicyStage(
         vocab_size=vocab_size,
         practice_worlds=practice_worlds,
+        lm_episodes=lm_episodes,
         early_answer=early_answer,
         wrong_query=wrong_query,
         sft=replace(SFTConfig(), epochs=epochs, lr=lr, seed=seed),

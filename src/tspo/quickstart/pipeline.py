@@ -151,8 +151,8 @@ def practice_worlds(world: Any, count: int) -> list[Any]:
 
 def expert_episodes(
     world: Any, retriever: Retriever, policy: PolicyStage, rollout_topk: int, max_turns: int
-) -> tuple[list[Any], list[Any]]:
-    """Noisy expert episodes and the worlds they come from.
+) -> tuple[list[Any], list[Any], list[Any]]:
+    """Noisy expert episodes: (the real world's, the practice worlds', all worlds).
 
     Every training question of ``world`` is played ``policy.expert_passes`` times, and every
     question of ``policy.practice_worlds`` extra worlds once. Practice worlds share no names with
@@ -169,9 +169,10 @@ def expert_episodes(
     )
     options = {"noise": noise, "topk": rollout_topk, "max_turns": max_turns}
     train = qa_examples(world, "train")
-    episodes = []
+    own = []
     for run in range(policy.expert_passes):
-        episodes += run_expert(world, train, retriever, seed=policy.seed * 1000 + run, **options)
+        own += run_expert(world, train, retriever, seed=policy.seed * 1000 + run, **options)
+    practice_episodes = []
     extra = practice_worlds(world, policy.practice_worlds)
     names = {entity.name for entity in world.entities.values()}
     for index, practice in enumerate(extra):
@@ -182,14 +183,14 @@ def expert_episodes(
             for q in qa_examples(practice, split)
             if not names.intersection(q.metadata["chain"])  # a name clash with the real world
         ]
-        episodes += run_expert(
+        practice_episodes += run_expert(
             practice,
             questions,
             BM25Retriever.from_docs(docs),
             seed=policy.seed * 1000 + 500 + index,
             **options,
         )
-    return episodes, [world, *extra]
+    return own, practice_episodes, [world, *extra]
 
 
 def train_policy(
@@ -202,46 +203,72 @@ def train_policy(
     max_turns: int = 4,
     show_progress: bool = True,
 ) -> dict[str, Any]:
-    """Tokenizer + tiny model + SFT on noisy expert episodes; saves an HF folder to ``out_dir``.
+    """Tokenizer + tiny model + warm-up + SFT on noisy expert episodes; saves an HF folder.
 
-    Returns facts for the report: episode count, the noisy expert's own EM, SFT losses.
+    Two phases. (1) Language-model warm-up: ``policy.lm_episodes`` practice-world episodes with
+    the loss on every token; names repeat inside documents and between documents and turns, so
+    this is where the model learns to copy. Only practice worlds feed it, so it learns nothing
+    about the real world's facts. (2) SFT: the real world's training episodes and the remaining
+    practice episodes, loss on the model's own tokens only. Returns facts for the report.
     """
+    from dataclasses import replace
+
     from tspo.algo import exact_match
     from tspo.models.tiny import build_tiny_model, count_parameters, train_tokenizer
-    from tspo.sft import encode_episode, save_policy, train_sft
+    from tspo.sft import SFTExample, encode_episode, save_policy, train_sft
     from tspo.utils import set_seed
 
     set_seed(policy.seed)
-    episodes, worlds = expert_episodes(world, retriever, policy, topk, max_turns)
-    tokenizer = train_tokenizer(tokenizer_texts(worlds, episodes), vocab_size=policy.vocab_size)
+    own, practice, worlds = expert_episodes(world, retriever, policy, topk, max_turns)
+    tokenizer = train_tokenizer(
+        tokenizer_texts(worlds, own + practice), vocab_size=policy.vocab_size
+    )
     model = build_tiny_model(
         tokenizer, policy.model_preset, seed=policy.seed, **policy.model_overrides
     )
-    examples = [
-        encode_episode(
+
+    def encode(episode: Any) -> Any:
+        return encode_episode(
             tokenizer,
-            e.example.question,
-            e.generated,
-            e.observations,
+            episode.example.question,
+            episode.generated,
+            episode.observations,
             max_obs_tokens=policy.sft.max_obs_tokens,
             use_chat_template=policy.sft.use_chat_template,
         )
-        for e in episodes
-    ]
+
+    warmup = [encode(e) for e in practice[: policy.lm_episodes]]
+    warmup = [SFTExample(e.input_ids, [1] * len(e.input_ids)) for e in warmup]
+    sft_episodes = own + practice[policy.lm_episodes :]
+    examples = [encode(e) for e in sft_episodes]
+    pad_id = tokenizer.pad_token_id
     with progress_bar(disable=not show_progress) as progress:
-        task = progress.add_task("SFT", total=None)
 
-        def on_step(step: int, total: int, loss: float) -> None:
-            progress.update(task, completed=step, total=total, description=f"SFT (loss {loss:.3f})")
+        def reporter(name: str) -> Any:
+            task = progress.add_task(name, total=None)
 
-        losses = train_sft(
-            model, examples, policy.sft, pad_id=tokenizer.pad_token_id, on_step=on_step
-        )
+            def on_step(step: int, total: int, loss: float) -> None:
+                progress.update(
+                    task, completed=step, total=total, description=f"{name} (loss {loss:.3f})"
+                )
+
+            return on_step
+
+        warmup_losses = []
+        if warmup:
+            warmup_config = replace(policy.sft, epochs=1)
+            warmup_losses = train_sft(
+                model, warmup, warmup_config, pad_id=pad_id, on_step=reporter("LM warm-up")
+            )
+        losses = train_sft(model, examples, policy.sft, pad_id=pad_id, on_step=reporter("SFT"))
     save_policy(model, tokenizer, out_dir)
-    expert_em = sum(exact_match(e.final_answer or "", e.example.golds) for e in episodes)
+    expert_em = sum(exact_match(e.final_answer or "", e.example.golds) for e in sft_episodes)
     return {
-        "episodes": len(episodes),
-        "expert_em": expert_em / max(1, len(episodes)),
+        "episodes": len(sft_episodes),
+        "own_episodes": len(own),
+        "warmup_episodes": len(warmup),
+        "warmup_steps": len(warmup_losses),
+        "expert_em": expert_em / max(1, len(sft_episodes)),
         "parameters": count_parameters(model),
         "vocab_size": len(tokenizer),
         "sft_steps": len(losses),

@@ -41,6 +41,7 @@ class PolicyStage:
     recover: float = 0.5
     expert_passes: int = 1  # noisy expert episodes per training question
     practice_worlds: int = 6  # extra worlds whose questions only feed SFT (see pipeline)
+    lm_episodes: int = 1600  # practice episodes for the full-loss warm-up (see train_policy)
     sft: SFTConfig = field(default_factory=SFTConfig)
     seed: int = 0
 
