@@ -1,7 +1,8 @@
 """User-facing errors.
 
-Anything a user can cause (a bad file, a bad flag, a dead retriever) raises :class:`TSPOError` with a
-one-line message. The CLI prints it as ``error: <message>`` and exits with status 2, never a traceback.
+Anything a user can cause (a bad file, a bad flag, a dead retriever) raises :class:`TSPOError`
+with a one-line message. The CLI prints it as ``error: <message>`` and exits with status 2,
+never a traceback.
 """
 
 
