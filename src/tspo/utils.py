@@ -7,8 +7,11 @@ import os
 import platform
 import random
 import resource
+import shutil
 import sys
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +49,27 @@ def atomic_write_text(path: str | Path, text: str) -> None:
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+@contextmanager
+def atomic_directory(target: str | Path, *, staging_prefix: str | None = None) -> Iterator[Path]:
+    """Fill a hidden staging folder beside ``target``; on success it replaces ``target``.
+
+    The rename is the commit: a process killed inside the ``with`` block leaves ``target`` as it
+    was (plus a stray staging folder named ``staging_prefix…``, ``.<name>.…`` by default).
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    prefix = staging_prefix if staging_prefix is not None else f".{target.name}."
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=prefix))
+    try:
+        yield staging
+        if target.exists():
+            shutil.rmtree(target)
+        staging.rename(target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
         raise
 
 

@@ -11,11 +11,10 @@ from __future__ import annotations
 import fcntl
 import importlib.util
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from tspo.errors import TSPOError
+from tspo.utils import atomic_directory
 
 ALIAS = "smollm2-135m-instruct"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -74,14 +73,7 @@ def _convert(source: Path, target: Path) -> None:
     model.load_state_dict(quantized.state_dict())
     model.generation_config = quantized.generation_config
 
-    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{ALIAS}."))
-    try:
+    with atomic_directory(target, staging_prefix=f".{ALIAS}.") as staging:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         (staging / _COMPLETE_MARKER).write_text(f"converted from {GGUF_FILE}\n")
-        if target.exists():
-            shutil.rmtree(target)
-        staging.rename(target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise

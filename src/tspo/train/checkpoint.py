@@ -20,7 +20,6 @@ import json
 import random
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,7 @@ import numpy as np
 import torch
 
 from tspo.errors import TSPOError
-from tspo.utils import write_json
+from tspo.utils import atomic_directory, write_json
 
 TRAINER_STATE_FILE = "trainer_state.pt"
 STATE_FILE = "tspo_state.json"
@@ -92,8 +91,7 @@ def save_checkpoint(
     root.mkdir(parents=True, exist_ok=True)
     remove_stale_staging(root)
     final = root / checkpoint_name(state.step)
-    staging = Path(tempfile.mkdtemp(dir=root, prefix=f"{_STAGING_PREFIX}{state.step:08d}-"))
-    try:
+    with atomic_directory(final, staging_prefix=f"{_STAGING_PREFIX}{state.step:08d}-") as staging:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         torch.save(
@@ -108,12 +106,6 @@ def save_checkpoint(
         )
         (staging / CONFIG_FILE).write_text(config_yaml, encoding="utf-8")
         write_json(staging / STATE_FILE, {"step": state.step, "sampler": state.sampler})
-        if final.exists():
-            shutil.rmtree(final)
-        staging.rename(final)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     for old in list_checkpoints(root)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
     return final
