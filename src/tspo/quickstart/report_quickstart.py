@@ -80,7 +80,7 @@ def write_quickstart_report(
     lines = [
         "# TSPO quickstart report",
         "",
-        f"A {policy['parameters'] / 1e6:.1f}M-parameter policy learned to search a synthetic "
+        f"A {policy['parameters'] / 1e6:.1f}M-parameter policy was trained to search a synthetic "
         f"world of {facts['documents']} made-up entities. It started from SFT on a noisy scripted "
         f"expert, then trained {len(metrics)} RL steps with the `{rl.estimator}` estimator. Both "
         f"policies were evaluated greedily on the **test split: {int(before['overall']['count'])} "
