@@ -57,7 +57,7 @@ def sft(
     lm_episodes: int = typer.Option(
         1600, "--lm-episodes", help="Practice episodes for the full-loss warm-up before SFT."
     ),
-    vocab_size: int = typer.Option(8000, "--vocab-size", help="Tokenizer vocabulary size."),
+    vocab_size: int = typer.Option(1000, "--vocab-size", help="Tokenizer vocabulary size."),
     seed: int = typer.Option(0, "--seed", help="Seed for the expert, the model and SFT."),
 ) -> None:
     """Warm-start a tiny policy: train a tokenizer on the world, build a small Qwen2-style model,

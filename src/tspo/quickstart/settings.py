@@ -9,8 +9,10 @@ from typing import Any
 
 from tspo.sft import SFTConfig
 
-# A small Qwen2-shaped model (~1.5M parameters with the worlds' ~5.5k-token vocabulary), sized for
-# a CPU. With the default SFT budget it has not yet learned to copy unseen names (docs/results.md).
+# A small Qwen2-shaped model (~0.9M parameters with a 1k-token vocabulary), sized for a CPU. The
+# small vocabulary matters: names are sequences of syllable pieces that training names also use,
+# so the policy can copy names it never saw (a token never emitted in training cannot be copied;
+# see docs/results.md).
 QUICKSTART_MODEL: dict[str, Any] = {
     "hidden_size": 128,
     "num_hidden_layers": 4,
@@ -33,7 +35,7 @@ class WorldStage:
 class PolicyStage:
     """Tokenizer, model shape, the noisy expert and the SFT warm start."""
 
-    vocab_size: int = 8000
+    vocab_size: int = 1000
     model_preset: str = "tiny"
     model_overrides: dict[str, Any] = field(default_factory=lambda: dict(QUICKSTART_MODEL))
     early_answer: float = 0.6  # the expert answers a hop early this often (see tspo.data.expert)
