@@ -60,8 +60,11 @@ def sft(
     vocab_size: int = typer.Option(1000, "--vocab-size", help="Tokenizer vocabulary size."),
     seed: int = typer.Option(0, "--seed", help="Seed for the expert, the model and SFT."),
 ) -> None:
-    """Warm-start a tiny policy: train a tokenizer on the world, build a small Qwen2-style model,
-    and fine-tune it on noisy scripted-expert episodes (loss on the model's own tokens only).
+    """Warm-start a tiny policy on the world's noisy scripted-expert episodes.
+
+    Trains a tokenizer on the world (and practice worlds), builds a small Qwen2-style model, runs
+    a language-model warm-up on practice-world episodes, then SFT with the loss on the model's own
+    tokens only. Saves model and tokenizer in Hugging Face format.
     """
     from rich.console import Console
 
