@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import math
 import random
-import shutil
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +17,7 @@ from typing import Any
 
 from tspo.errors import TSPOError
 from tspo.protocol import build_prompt, truncate_to_tokens, wrap_information
+from tspo.utils import atomic_directory
 
 
 @dataclass(frozen=True)
@@ -176,15 +175,7 @@ def save_policy(model: Any, tokenizer: Any, out_dir: str | Path) -> Path:
     load the result.
     """
     out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
-    try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with atomic_directory(out) as staging:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
     return out
