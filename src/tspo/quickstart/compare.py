@@ -20,7 +20,6 @@ from rich.console import Console
 
 from tspo.quickstart.pipeline import (
     RunPaths,
-    check_out_dir,
     ensure_index,
     ensure_policy,
     ensure_world,
@@ -28,9 +27,9 @@ from tspo.quickstart.pipeline import (
     fingerprint,
     is_done,
     mark_done,
-    prepare_process,
     rl_train_config,
     stage_record,
+    start_run,
     test_examples,
 )
 from tspo.quickstart.settings import QuickstartSettings
@@ -114,12 +113,7 @@ def run_compare(
 ) -> Path:
     """Run every estimator with ``seeds`` seeds and write ``report.md``; returns its path."""
     console = console or Console()
-    paths = RunPaths(Path(out))
-    check_out_dir(paths.root)
-    prepare_process(settings.threads)
-    if fresh and paths.root.exists():
-        shutil.rmtree(paths.root)
-    paths.root.mkdir(parents=True, exist_ok=True)
+    paths = start_run(out, settings.threads, fresh=fresh)
     started = time.perf_counter()
 
     console.rule("[bold]world, index and SFT start (shared by every run)")

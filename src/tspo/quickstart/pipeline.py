@@ -414,5 +414,16 @@ def check_out_dir(out: Path) -> None:
         raise TSPOError(f"--out {out}: exists and is not a folder")
 
 
+def start_run(out: str | Path, threads: int | None, *, fresh: bool) -> RunPaths:
+    """Check and create the run folder (emptied first when ``fresh``); set up the process."""
+    paths = RunPaths(Path(out))
+    check_out_dir(paths.root)
+    prepare_process(threads)
+    if fresh and paths.root.exists():
+        shutil.rmtree(paths.root)
+    paths.root.mkdir(parents=True, exist_ok=True)
+    return paths
+
+
 def settings_record(settings: QuickstartSettings) -> dict[str, Any]:
     return asdict(settings)

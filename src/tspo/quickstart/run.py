@@ -10,14 +10,12 @@ from typing import Any
 from rich.console import Console
 
 from tspo.quickstart.pipeline import (
-    RunPaths,
-    check_out_dir,
     ensure_index,
     ensure_policy,
     ensure_world,
     evaluate_folder,
-    prepare_process,
     rl_train_config,
+    start_run,
     test_examples,
 )
 from tspo.quickstart.settings import QuickstartSettings
@@ -43,12 +41,7 @@ def run_quickstart(
 
     settings = settings or QuickstartSettings()
     console = console or Console()
-    paths = RunPaths(Path(out))
-    check_out_dir(paths.root)
-    prepare_process(settings.threads)
-    if fresh and paths.root.exists():
-        shutil.rmtree(paths.root)
-    paths.root.mkdir(parents=True, exist_ok=True)
+    paths = start_run(out, settings.threads, fresh=fresh)
     started = time.perf_counter()
     seconds: dict[str, float] = {}
 
