@@ -77,18 +77,3 @@ class RolloutBatch:
             if isinstance(getattr(self, f.name), torch.Tensor)
         }
         return replace(self, **moved)
-
-    def select(self, index: slice | torch.Tensor | list[int]) -> RolloutBatch:
-        """The rows at ``index`` (tensors and trajectories together)."""
-        if isinstance(index, slice):
-            rows = list(range(len(self)))[index]
-        else:
-            rows = [int(i) for i in index]
-        idx = torch.tensor(rows, dtype=torch.long)
-        picked = {
-            f.name: getattr(self, f.name).index_select(0, idx.to(getattr(self, f.name).device))
-            for f in fields(self)
-            if isinstance(getattr(self, f.name), torch.Tensor)
-        }
-        trajectories = [self.trajectories[i] for i in rows] if self.trajectories else []
-        return replace(self, **picked, trajectories=trajectories)
