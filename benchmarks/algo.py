@@ -74,16 +74,10 @@ def build_forward_model(vocab_size: int):
     """A random-weight Qwen2-style causal LM of about 10M parameters."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    config = Qwen2Config(
-        vocab_size=vocab_size,
-        hidden_size=256,
-        num_hidden_layers=8,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=768,
-        max_position_embeddings=4096,
-        tie_word_embeddings=False,
-    )
+    from tspo.models.tiny import MODEL_PRESETS
+
+    # The "tiny" preset's shape, in Qwen2 form.
+    config = Qwen2Config(vocab_size=vocab_size, tie_word_embeddings=False, **MODEL_PRESETS["tiny"])
     model = Qwen2ForCausalLM(config).eval()
     return model, sum(p.numel() for p in model.parameters())
 
