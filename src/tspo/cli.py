@@ -17,6 +17,7 @@ COMMAND_MODULES = (
     "tspo.retrieval.commands",
     "tspo.train.commands",
     "tspo.quickstart.commands",
+    "tspo.pretrain.commands",
 )
 
 for _module in COMMAND_MODULES:

@@ -36,9 +36,11 @@ PROMPT_TEMPLATE = (
     "Question: {question}\n"
 )
 
+# The corrective message names no tag: a small model copies what it reads, and a message that
+# spells the tags out invites it to repeat them (``<search><search>…``).
 INVALID_ACTION_MESSAGE = (
-    "\nThat was not a valid action. To search, put a query between <search> and </search>. "
-    "To finish, put the answer between <answer> and </answer>. Let me try again.\n"
+    "\nThat was not a valid action. Write one search query or one final answer, "
+    "in the format the instructions show. Let me try again.\n"
 )
 
 ActionKind = Literal["search", "answer", "invalid"]

@@ -1,0 +1,82 @@
+"""The model card of a pre-trained base: how it was made and what it measured."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from tspo.pretrain.gates import GATE_TARGETS
+from tspo.utils import atomic_write_text
+
+GATE_NAMES = {
+    "copy": "exact name copy",
+    "rc_one_doc": "one-hop reading EM, one document",
+    "rc_twin": "one-hop reading EM, gold document + near-duplicate twin",
+    "rc_three_docs": "one-hop reading EM, gold document among three",
+}
+
+
+def model_card(facts: dict[str, Any]) -> str:
+    config = facts["config"]
+    mix = config["mix"]
+    gate_rows = "\n".join(
+        f"| {GATE_NAMES.get(gate, gate)} | {value:.3f} | "
+        + (f">= {GATE_TARGETS[gate]:.2f}" if gate in GATE_TARGETS else "(reported)")
+        + " |"
+        for gate, value in facts["gates"].items()
+    )
+    return f"""---
+license: apache-2.0
+library_name: transformers
+pipeline_tag: text-generation
+---
+
+# tspo-tiny-base
+
+A {facts["parameters"]:,}-parameter Llama-shaped causal LM ({config["shape"]}: hidden x layers,
+{config["vocab_size"]}-token byte-level BPE vocabulary), pre-trained from random weights by
+`tspo pretrain` on generated practice worlds. It reads short documents and copies names it has
+never seen. It has never seen the search protocol (no `<search>`, `<answer>`… in its data) and
+never any evaluation world: the search agent is made from it by SFT (`tspo quickstart`).
+
+## How it was made
+
+```
+{facts["command"]}
+```
+
+| setting | value |
+|---|---|
+| seed | {config["seed"]} |
+| torch threads | {facts["threads"]} |
+| steps | {facts["steps"]:,} (batch {config["batch_size"]} x {config["seq_len"]} packed tokens) |
+| wall time | {facts["wall_minutes"]} min |
+| practice worlds | {facts["practice_worlds"]} (seeds 2,000,000 and up) |
+| data mix | {mix["rc_share"]:.0%} reading items, {mix["doc_share"]:.0%} documents, \
+{mix["copy_share"]:.0%} copy drills; answer tokens weighted {mix["answer_weight"]:g} |
+| optimiser | AdamW (0.9, 0.95), lr {config["lr"]:g}, {config["warmup_steps"]} warm-up steps, \
+cosine to {config["min_lr_ratio"]:g}x, weight decay {config["weight_decay"]:g}, grad-clip \
+{config["max_grad_norm"]:g} |
+| precision | {"bf16 autocast, fp32 master weights" if config["bf16"] else "fp32"} |
+| final training loss (EMA, weighted) | {facts["final_loss"]} |
+
+## Gates
+
+Greedy decoding on a world never trained on (seed 3,000,000), {facts["gate_items"]} items each (or
+all the world has):
+
+| gate | measured | target |
+|---|---:|---:|
+{gate_rows}
+
+## Files
+
+`model.safetensors` SHA-256: `{facts["sha256"]}`
+
+Load it with `AutoModelForCausalLM.from_pretrained(folder)` and `AutoTokenizer.from_pretrained
+(folder)`, or by its alias `tspo-tiny-base` wherever tspo accepts a model name.
+"""
+
+
+def write_model_card(path: str | Path, facts: dict[str, Any]) -> None:
+    atomic_write_text(path, model_card(facts))

@@ -1,0 +1,77 @@
+"""CLI command: ``tspo pretrain``."""
+
+from __future__ import annotations
+
+import shlex
+import shutil
+import sys
+from pathlib import Path
+
+import typer
+
+from tspo.cli_apps import app
+
+
+@app.command("pretrain")
+def pretrain(
+    out: Path = typer.Option(
+        ..., "--out", help="Run folder: tokenizer/, state/, log.jsonl, model/."
+    ),
+    steps: int = typer.Option(4400, "--steps", min=1, help="Optimizer steps."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the initial weights."),
+    shape: str = typer.Option("128x4", "--shape", help="HIDDENxLAYERS of the Llama-shaped model."),
+    threads: int = typer.Option(1, "--threads", min=1, help="torch CPU threads."),
+    bf16: bool = typer.Option(True, "--bf16/--no-bf16", help="bf16 autocast (fp32 weights)."),
+    eval_every: int = typer.Option(400, "--eval-every", min=1, help="Measure the gates every N."),
+    eval_items: int = typer.Option(100, "--eval-items", min=1, help="Items per gate in training."),
+    final_items: int = typer.Option(300, "--final-items", min=1, help="Items per gate at the end."),
+    checkpoint_every: int = typer.Option(
+        200, "--checkpoint-every", min=1, help="Save state every N."
+    ),
+    fresh: bool = typer.Option(False, "--fresh", help="Delete the run folder and start over."),
+) -> None:
+    """Pre-train a tiny base LM from random weights on generated practice worlds.
+
+    The base learns to read documents and copy unseen names (documents, reading items, copy
+    drills; never protocol tags, never an evaluation world). A killed run resumes from its last
+    state when the same command is run again. The finished model, with its model card, is written
+    to OUT/model.
+    """
+    import torch
+    from rich.console import Console
+    from transformers.utils import logging as hf_logging
+
+    from tspo.errors import TSPOError
+    from tspo.pretrain.loop import PretrainConfig
+    from tspo.pretrain.loop import pretrain as run_pretrain
+    from tspo.utils import progress_bar
+
+    if out.exists() and not out.is_dir():
+        raise TSPOError(f"--out {out}: exists and is not a folder")
+    if fresh and out.exists():
+        shutil.rmtree(out)
+    torch.set_num_threads(threads)
+    hf_logging.disable_progress_bar()
+    config = PretrainConfig(
+        steps=steps,
+        seed=seed,
+        shape=shape,
+        bf16=bf16,
+        eval_every=eval_every,
+        eval_items=eval_items,
+        final_eval_items=final_items,
+        checkpoint_every=checkpoint_every,
+    )
+    console = Console(stderr=True)
+    command = "tspo pretrain " + " ".join(shlex.quote(a) for a in sys.argv[2:])
+    with progress_bar() as progress:
+        task = progress.add_task("pre-training", total=steps)
+
+        def on_step(step: int, total: int, loss: float) -> None:
+            progress.update(task, completed=step, description=f"pre-training (loss {loss:.3f})")
+
+        facts = run_pretrain(
+            out, config, command=command, threads=threads, on_step=on_step, say=console.print
+        )
+    gates = ", ".join(f"{k} {v:.2f}" for k, v in facts["gates"].items())
+    console.print(f"{facts['steps']} steps in {facts['wall_minutes']} min; {gates} -> {out}/model")

@@ -1,0 +1,277 @@
+"""The pre-training loop: packed practice items, weighted next-token loss, AdamW, cosine.
+
+Read :func:`pretrain` top to bottom. The run folder holds ``tokenizer/`` (trained once),
+``state/`` (the newest checkpoint: weights, optimizer, stream position, wall time), ``log.jsonl``
+(loss every ``log_every`` steps, gates every ``eval_every``) and, at the end, ``model/``: the
+finished base in Hugging Face format with its model card. A killed run resumes from ``state/``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tspo.errors import TSPOError
+from tspo.pretrain.items import PretrainMix
+from tspo.pretrain.packing import PackedStream, StreamPosition
+from tspo.utils import atomic_directory, write_json
+
+STATE_DIR, MODEL_DIR, TOKENIZER_DIR, LOG_FILE = "state", "model", "tokenizer", "log.jsonl"
+
+
+def parse_shape(shape: str) -> dict[str, int]:
+    """``"128x4"`` -> a Llama shape: hidden 128, 4 layers, head size 32, half as many KV heads."""
+    try:
+        hidden, layers = (int(part) for part in shape.lower().split("x"))
+    except ValueError:
+        raise TSPOError(f"--shape {shape!r}: expected HIDDENxLAYERS, e.g. 128x4") from None
+    if hidden < 32 or hidden % 64 != 0 or layers < 1:
+        raise TSPOError(f"--shape {shape!r}: hidden must be a multiple of 64, layers >= 1")
+    heads = hidden // 32
+    return {
+        "hidden_size": hidden,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": max(1, heads // 2),
+        "intermediate_size": 3 * hidden,
+        "max_position_embeddings": 2048,
+    }
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """Every setting of a pre-training run (recorded in the model card)."""
+
+    steps: int = 4400
+    seed: int = 0
+    shape: str = "128x4"
+    vocab_size: int = 1000
+    batch_size: int = 32
+    seq_len: int = 256
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    max_grad_norm: float = 1.0
+    bf16: bool = True  # bf16 autocast (CPU with AVX512-BF16 or CUDA); master weights stay fp32
+    eval_every: int = 400
+    eval_items: int = 100
+    final_eval_items: int = 300
+    checkpoint_every: int = 200
+    log_every: int = 20
+    tokenizer_worlds: int = 6
+    mix: PretrainMix = field(default_factory=PretrainMix)
+
+
+def lr_factor(step: int, config: PretrainConfig) -> float:
+    """Linear warm-up, then one cosine to ``min_lr_ratio`` at the last step."""
+    if step < config.warmup_steps:
+        return (step + 1) / config.warmup_steps
+    progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+    low = config.min_lr_ratio
+    return low + (1 - low) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def weighted_lm_loss(logits: Any, input_ids: Any, weights: Any) -> Any:
+    """Weighted mean next-token NLL.
+
+    ``logits`` (B, L, V); ``input_ids`` (B, L); ``weights`` (B, L), the weight of predicting each
+    token (0 on padding). Position t predicts token t+1. Returns a scalar.
+    """
+    import torch.nn.functional as F
+
+    target_weights = weights[:, 1:]
+    per_token = F.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+        input_ids[:, 1:].reshape(-1),
+        reduction="none",
+    ).view_as(target_weights)
+    return (per_token * target_weights).sum() / target_weights.sum().clamp(min=1.0)
+
+
+def autocast_for(device: Any, bf16: bool) -> Any:
+    import torch
+
+    if bf16:
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _config_record(config: PretrainConfig) -> dict[str, Any]:
+    return json.loads(json.dumps(asdict(config)))
+
+
+def _tokenizer(out: Path, config: PretrainConfig) -> Any:
+    from transformers import AutoTokenizer
+
+    from tspo.models.tiny import train_tokenizer
+    from tspo.pretrain.items import tokenizer_corpus
+
+    folder = out / TOKENIZER_DIR
+    if not folder.is_dir():
+        tokenizer = train_tokenizer(
+            tokenizer_corpus(config.tokenizer_worlds, config.mix), vocab_size=config.vocab_size
+        )
+        with atomic_directory(folder) as staging:
+            tokenizer.save_pretrained(staging)
+    return AutoTokenizer.from_pretrained(folder)
+
+
+def _log(out: Path, record: dict[str, Any]) -> None:
+    with (out / LOG_FILE).open("a", encoding="utf-8") as handle:
+        handle.write(json.dumps(record) + "\n")
+
+
+def _save_state(out: Path, model: Any, optimizer: Any, info: dict[str, Any]) -> None:
+    import torch
+
+    with atomic_directory(out / STATE_DIR) as staging:
+        model.save_pretrained(staging)
+        torch.save(
+            {"optimizer": optimizer.state_dict(), "rng": torch.get_rng_state()},
+            staging / "optimizer.pt",
+        )
+        write_json(staging / "progress.json", info)
+
+
+def pretrain(
+    out_dir: str | Path,
+    config: PretrainConfig,
+    *,
+    command: str = "",
+    threads: int | None = None,
+    on_step: Callable[[int, int, float], None] | None = None,
+    say: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Pre-train (or resume) a base in ``out_dir``; returns the facts written to the model card."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from tspo.models.tiny import build_tiny_model, count_parameters
+    from tspo.pretrain.card import write_model_card
+    from tspo.pretrain.gates import measure_gates
+
+    out = Path(out_dir)
+    if (out / MODEL_DIR).is_dir():
+        raise TSPOError(f"{out} holds a finished base ({out / MODEL_DIR}); pass --fresh to redo it")
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = _tokenizer(out, config)
+    device = torch.device("cpu")
+    state_dir = out / STATE_DIR
+    if state_dir.is_dir():
+        progress = json.loads((state_dir / "progress.json").read_text(encoding="utf-8"))
+        if progress["config"] != _config_record(config):
+            raise TSPOError(
+                f"{out} holds a run with other settings; pass the same flags or --fresh"
+            )
+        model = AutoModelForCausalLM.from_pretrained(state_dir, dtype=torch.float32)
+        saved = torch.load(state_dir / "optimizer.pt", weights_only=False)
+        say(f"resuming from step {progress['step']} ({state_dir})")
+    else:
+        torch.manual_seed(config.seed)
+        model = build_tiny_model(tokenizer, "micro", seed=config.seed, **parse_shape(config.shape))
+        progress = {"step": 0, "seconds": 0.0, "position": asdict(StreamPosition()), "loss": None}
+        saved = None
+    model.to(device).train()
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=config.lr, betas=(0.9, 0.95), weight_decay=config.weight_decay
+    )
+    if saved is not None:
+        optimizer.load_state_dict(saved["optimizer"])
+        torch.set_rng_state(saved["rng"])
+    stream = PackedStream(
+        tokenizer,
+        config.mix,
+        config.seq_len,
+        config.batch_size,
+        position=StreamPosition(**progress["position"]),
+    )
+    autocast = autocast_for(device, config.bf16)
+    step, seconds, ema = progress["step"], progress["seconds"], progress["loss"]
+    started = time.perf_counter() - seconds
+
+    def snapshot() -> dict[str, Any]:
+        return {
+            "step": step,
+            "seconds": time.perf_counter() - started,
+            "position": asdict(stream.position),
+            "loss": ema,
+            "config": _config_record(config),
+        }
+
+    while step < config.steps:
+        for group in optimizer.param_groups:
+            group["lr"] = config.lr * lr_factor(step, config)
+        input_ids, weights = stream.next_batch()
+        with autocast:
+            logits = model(input_ids=input_ids.to(device)).logits
+        loss = weighted_lm_loss(logits, input_ids.to(device), weights.to(device))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+        optimizer.step()
+        step += 1
+        value = float(loss.detach())
+        ema = value if ema is None else 0.95 * ema + 0.05 * value
+        if on_step is not None:
+            on_step(step, config.steps, ema)
+        if step % config.log_every == 0:
+            _log(
+                out,
+                {
+                    "step": step,
+                    "loss": ema,
+                    "lr": optimizer.param_groups[0]["lr"],
+                    "seconds": time.perf_counter() - started,
+                    "world": stream.position.world,
+                },
+            )
+        if step % config.eval_every == 0 and step < config.steps:
+            gates = measure_gates(model, tokenizer, config.eval_items)
+            model.train()
+            _log(out, {"step": step, "gates": gates, "seconds": time.perf_counter() - started})
+            say(
+                f"step {step}: loss {ema:.3f}, "
+                + ", ".join(f"{k} {v:.2f}" for k, v in gates.items())
+            )
+        if step % config.checkpoint_every == 0 and step < config.steps:
+            _save_state(out, model, optimizer, snapshot())
+
+    train_seconds = time.perf_counter() - started
+    gates = measure_gates(model, tokenizer, config.final_eval_items)
+    _log(out, {"step": step, "gates": gates, "final": True, "seconds": train_seconds})
+    facts = {
+        "command": command,
+        "config": _config_record(config),
+        "threads": threads if threads is not None else torch.get_num_threads(),
+        "parameters": count_parameters(model),
+        "steps": step,
+        "wall_minutes": round(train_seconds / 60, 1),
+        "final_loss": round(ema, 4),
+        "practice_worlds": stream.position.world + 1,
+        "gates": gates,
+        "gate_items": config.final_eval_items,
+    }
+    model.eval()
+    with atomic_directory(out / MODEL_DIR) as staging:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        facts["sha256"] = sha256_file(staging / "model.safetensors")
+        write_json(staging / "pretrain.json", facts)
+        write_model_card(staging / "README.md", facts)
+    return facts
