@@ -156,3 +156,32 @@ class ScriptedServer:
     def __exit__(self, *exc: object) -> None:
         self._httpd.shutdown()
         self._httpd.server_close()
+
+
+@contextmanager
+def app_server(app: object) -> Iterator[str]:
+    """Serve an ASGI ``app`` with a real uvicorn on a free loopback port, in a thread.
+
+    For faults that need a hand inside the server (a retriever that blocks, fails or kills the
+    batch worker); the HTTP side is the same as ``tspo serve``'s.
+    """
+    import uvicorn
+
+    port = free_port()
+    config = uvicorn.Config(
+        app, host="127.0.0.1", port=port, log_level="warning", timeout_graceful_shutdown=2
+    )
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    base_url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while not server.started:
+            if not thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"in-process server on port {port} did not start")
+            time.sleep(0.02)
+        yield base_url
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)

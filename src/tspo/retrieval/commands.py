@@ -101,6 +101,12 @@ def serve_command(
     max_body_bytes: int = typer.Option(
         1 << 20, "--max-body-bytes", min=64, help="Request body size limit."
     ),
+    max_pending: int = typer.Option(
+        256,
+        "--max-pending",
+        min=0,
+        help="Requests that may wait for the retriever; more get 503 + Retry-After (0: no bound).",
+    ),
     access_log: bool = typer.Option(False, "--access-log", help="Log every request."),
     http: HttpParser = typer.Option(
         HttpParser.auto, "--http", help="HTTP parser: auto uses httptools when installed, else h11."
@@ -125,4 +131,5 @@ def serve_command(
         max_queries=max_queries,
         max_query_chars=max_query_chars,
         max_body_bytes=max_body_bytes,
+        max_pending=max_pending,
     )

@@ -3,6 +3,11 @@
 Requests that arrive while the retriever is busy are queued and answered together by the next
 retriever call (one batched search), so concurrent clients share the cost of a call instead of
 waiting in line for one call each. Every malformed request gets a 4xx JSON ``{"error": ...}``.
+
+Faults stay local (docs/reliability.md): the queue is bounded (a full queue answers 503 with
+``Retry-After`` at once), a request whose client has gone is dropped before it is searched, a
+query that makes the retriever fail fails only its own request, and a dead batch worker turns
+``/health`` and ``/retrieve`` into immediate 503s instead of requests that wait forever.
 """
 
 from __future__ import annotations
@@ -10,9 +15,11 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import logging
 import os
 import sys
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -20,22 +27,34 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tspo.retrieval.base import Hit, Retriever
 from tspo.retrieval.client import TOKEN_ENV
 
 MAX_TOPK = 100
+logger = logging.getLogger(__name__)
+RETRY_AFTER_S = 1
+"""``Retry-After`` (seconds) sent with a 503 when the queue is full."""
 
 
 @dataclass(frozen=True)
 class ServerLimits:
-    """Bounds on one request."""
+    """Bounds on one request, and on how many requests may wait for the retriever."""
 
     max_queries: int = 256
     max_query_chars: int = 4096
     max_body_bytes: int = 1 << 20
+    max_pending: int = 256
+
+    def as_dict(self) -> dict[str, int]:
+        return {
+            "max_queries": self.max_queries,
+            "max_query_chars": self.max_query_chars,
+            "max_body_bytes": self.max_body_bytes,
+            "max_pending": self.max_pending,
+        }
 
 
 @dataclass(frozen=True)
@@ -46,12 +65,25 @@ class RetrieveRequest:
 
 
 class RequestError(Exception):
-    """A bad request: answered with ``status`` and ``{"error": message}``."""
+    """A request we do not serve: answered with ``status`` and ``{"error": message}``."""
 
-    def __init__(self, status: int, message: str):
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status = status
         self.message = message
+        self.headers = headers
+
+
+class Unavailable(RequestError):
+    """503: the queue is full (with ``Retry-After``) or the batch worker is dead."""
+
+    def __init__(self, message: str, retry_after: int | None = None):
+        headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
+        super().__init__(503, message, headers)
+
+
+class ClientGone(Exception):
+    """The request's client disconnected before its search ran; nobody reads the answer."""
 
 
 def _type_name(value: Any) -> str:
@@ -64,8 +96,10 @@ def parse_retrieve_request(
     """Validate a ``/retrieve`` body; raise :class:`RequestError` naming the first problem."""
     try:
         payload = json.loads(body)
-    except (UnicodeDecodeError, ValueError) as err:
+    except (UnicodeDecodeError, ValueError) as err:  # ValueError also covers over-long integers
         raise RequestError(400, f"request body is not valid JSON: {err}") from err
+    except RecursionError as err:
+        raise RequestError(400, "request body is not valid JSON: nested too deeply") from err
     if not isinstance(payload, dict):
         raise RequestError(422, f"request body must be a JSON object, got {_type_name(payload)}")
 
@@ -117,6 +151,7 @@ class _Pending:
     queries: list[str]
     topk: int
     future: asyncio.Future[list[list[Hit]]]
+    is_gone: Callable[[], Awaitable[bool]] | None = None
 
 
 @dataclass
@@ -125,6 +160,9 @@ class BatchStats:
     requests: int = 0
     queries: int = 0
     largest_batch: int = 0
+    refused: int = 0  # 503: the queue was full
+    abandoned: int = 0  # dropped unsearched: the client had gone
+    failed: int = 0  # requests whose own search raised
 
 
 @dataclass
@@ -134,21 +172,33 @@ class MicroBatcher:
     The retriever runs in one worker thread, so the event loop keeps accepting requests while a
     search runs; those requests form the next batch. ``wait_ms`` > 0 additionally holds a lone
     request that long for company (more batching, more latency).
+
+    At most ``max_pending`` requests wait in the queue (0: no bound); :meth:`search` refuses more
+    with :class:`Unavailable` at once. A batch whose search raises is searched again one request
+    at a time, so a bad query fails only its own request. If the worker task ends (it only does
+    on a crash or on :meth:`stop`), every waiting request and every later one gets
+    :class:`Unavailable`, and :attr:`dead` says why.
     """
 
     retriever: Retriever
     max_batch_queries: int = 512
     wait_ms: float = 0.0
+    max_pending: int = 256
     stats: BatchStats = field(default_factory=BatchStats)
 
     def __post_init__(self) -> None:
         self._queue: asyncio.Queue[_Pending] | None = None
         self._worker: asyncio.Task[None] | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="retriever")
+        self._current: list[_Pending] = []
+        self._busy_since: float | None = None
+        self.dead: str | None = None
 
     async def start(self) -> None:
         self._queue = asyncio.Queue()
+        self.dead = None
         self._worker = asyncio.create_task(self._run())
+        self._worker.add_done_callback(self._on_worker_exit)
 
     async def stop(self) -> None:
         if self._worker is not None:
@@ -157,51 +207,145 @@ class MicroBatcher:
                 await self._worker
             except asyncio.CancelledError:
                 pass
+            except BaseException:  # noqa: BLE001 - the crash was reported by _on_worker_exit
+                pass
         self._executor.shutdown(wait=False, cancel_futures=True)
 
-    async def search(self, queries: list[str], topk: int) -> list[list[Hit]]:
+    @property
+    def queue_depth(self) -> int:
+        """Requests waiting for the worker (not counting the batch being searched)."""
+        return self._queue.qsize() if self._queue is not None else 0
+
+    @property
+    def in_flight(self) -> int:
+        """Requests in the batch being searched now."""
+        return len(self._current)
+
+    @property
+    def busy_seconds(self) -> float:
+        """How long the current search has been running (0 when idle)."""
+        return 0.0 if self._busy_since is None else time.monotonic() - self._busy_since
+
+    def admit(self) -> None:
+        """Raise :class:`Unavailable` if a new request could not be queued now."""
+        if self.dead is not None:
+            raise Unavailable(f"retriever unavailable: {self.dead}")
+        if self.max_pending and self.queue_depth >= self.max_pending:
+            self.stats.refused += 1
+            raise Unavailable(
+                f"server overloaded: {self.queue_depth} requests are queued "
+                f"(at most {self.max_pending}); retry later",
+                retry_after=RETRY_AFTER_S,
+            )
+
+    async def search(
+        self,
+        queries: list[str],
+        topk: int,
+        is_gone: Callable[[], Awaitable[bool]] | None = None,
+    ) -> list[list[Hit]]:
+        """Search ``queries`` in the next batch. ``is_gone`` reports a disconnected client."""
         assert self._queue is not None, "MicroBatcher.start() was not awaited"
+        self.admit()
         future: asyncio.Future[list[list[Hit]]] = asyncio.get_running_loop().create_future()
-        await self._queue.put(_Pending(queries, topk, future))
+        self._queue.put_nowait(_Pending(queries, topk, future, is_gone))
         return await future
 
     async def _collect(self) -> list[_Pending]:
+        """The next batch: everything queued (up to ``max_batch_queries``), minus gone clients."""
         assert self._queue is not None
-        batch = [await self._queue.get()]
-        size = len(batch[0].queries)
-        if self.wait_ms > 0 and self._queue.empty():
-            await asyncio.sleep(self.wait_ms / 1000)
-        while size < self.max_batch_queries and not self._queue.empty():
-            item = self._queue.get_nowait()
-            batch.append(item)
-            size += len(item.queries)
-        return batch
+        while True:
+            batch = [await self._queue.get()]
+            size = len(batch[0].queries)
+            if self.wait_ms > 0 and self._queue.empty():
+                await asyncio.sleep(self.wait_ms / 1000)
+            while size < self.max_batch_queries and not self._queue.empty():
+                item = self._queue.get_nowait()
+                batch.append(item)
+                size += len(item.queries)
+            live = [item for item in batch if not await self._drop_if_gone(item)]
+            if live:
+                return live
+
+    async def _drop_if_gone(self, item: _Pending) -> bool:
+        if item.future.done():
+            return True
+        if item.is_gone is None or not await item.is_gone():
+            return False
+        self.stats.abandoned += 1
+        item.future.set_exception(ClientGone())
+        return True
+
+    async def _search(self, queries: list[str], topk: int) -> list[list[Hit]]:
+        loop = asyncio.get_running_loop()
+        results = await loop.run_in_executor(self._executor, self.retriever.search, queries, topk)
+        if len(results) != len(queries):
+            raise RuntimeError(
+                f"retriever returned {len(results)} result lists for {len(queries)} queries"
+            )
+        return results
 
     async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
             batch = await self._collect()
+            self._current = batch
+            self._busy_since = time.monotonic()
             queries = [query for item in batch for query in item.queries]
-            topk = max(item.topk for item in batch)
             try:
-                results = await loop.run_in_executor(
-                    self._executor, self.retriever.search, queries, topk
-                )
-            except Exception as err:  # noqa: BLE001 - handed to each waiting request
+                results = await self._search(queries, max(item.topk for item in batch))
+            except Exception as err:  # noqa: BLE001 - isolated below, then handed to its request
+                await self._search_one_by_one(batch, err)
+            else:
+                self._count(batch, len(queries))
+                offset = 0
                 for item in batch:
+                    rows = results[offset : offset + len(item.queries)]
+                    offset += len(item.queries)
                     if not item.future.done():
-                        item.future.set_exception(err)
-                continue
-            self.stats.batches += 1
-            self.stats.requests += len(batch)
-            self.stats.queries += len(queries)
-            self.stats.largest_batch = max(self.stats.largest_batch, len(batch))
-            offset = 0
-            for item in batch:
-                rows = results[offset : offset + len(item.queries)]
-                offset += len(item.queries)
+                        item.future.set_result([row[: item.topk] for row in rows])
+            self._current = []
+            self._busy_since = None
+
+    async def _search_one_by_one(self, batch: list[_Pending], err: Exception) -> None:
+        """After a failed batch: search each request alone, so one bad query fails only its own."""
+        if len(batch) == 1:
+            self.stats.failed += 1
+            if not batch[0].future.done():
+                batch[0].future.set_exception(err)
+            return
+        for item in batch:
+            try:
+                rows = await self._search(item.queries, item.topk)
+            except Exception as own_err:  # noqa: BLE001 - handed to this request only
+                self.stats.failed += 1
                 if not item.future.done():
-                    item.future.set_result([row[: item.topk] for row in rows])
+                    item.future.set_exception(own_err)
+                continue
+            self._count([item], len(item.queries))
+            if not item.future.done():
+                item.future.set_result(rows)
+
+    def _count(self, batch: list[_Pending], n_queries: int) -> None:
+        self.stats.batches += 1
+        self.stats.requests += len(batch)
+        self.stats.queries += n_queries
+        self.stats.largest_batch = max(self.stats.largest_batch, len(batch))
+
+    def _on_worker_exit(self, task: asyncio.Task[None]) -> None:
+        """The worker ended: fail everything waiting, and all later requests, with a 503."""
+        if task.cancelled():
+            self.dead = "the server is shutting down"
+        else:
+            crash = task.exception()
+            self.dead = f"the batch worker died ({type(crash).__name__}: {crash})"
+            logger.error("retrieval server: %s; answering 503 from now on", self.dead)
+        waiting = list(self._current)
+        while self._queue is not None and not self._queue.empty():
+            waiting.append(self._queue.get_nowait())
+        self._current = []
+        for item in waiting:
+            if not item.future.done():
+                item.future.set_exception(Unavailable(f"retriever unavailable: {self.dead}"))
 
 
 def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -244,17 +388,29 @@ def create_app(
     max_queries: int = 256,
     max_query_chars: int = 4096,
     max_body_bytes: int = 1 << 20,
+    max_pending: int = 256,
     batch_wait_ms: float = 0.0,
     max_batch_queries: int = 512,
 ) -> FastAPI:
-    """The FastAPI app serving ``retriever``: ``POST /retrieve`` and ``GET /health``."""
+    """The FastAPI app serving ``retriever``: ``POST /retrieve`` and ``GET /health``.
+
+    ``max_pending`` bounds the requests waiting for the retriever (0: no bound); more get 503.
+    """
     if not 1 <= default_topk <= MAX_TOPK:
         raise ValueError(f"default_topk must be in 1..{MAX_TOPK}, got {default_topk}")
+    if max_pending < 0:
+        raise ValueError(f"max_pending must be >= 0, got {max_pending}")
     limits = ServerLimits(
-        max_queries=max_queries, max_query_chars=max_query_chars, max_body_bytes=max_body_bytes
+        max_queries=max_queries,
+        max_query_chars=max_query_chars,
+        max_body_bytes=max_body_bytes,
+        max_pending=max_pending,
     )
     batcher = MicroBatcher(
-        retriever, max_batch_queries=max(max_batch_queries, max_queries), wait_ms=batch_wait_ms
+        retriever,
+        max_batch_queries=max(max_batch_queries, max_queries),
+        wait_ms=batch_wait_ms,
+        max_pending=max_pending,
     )
 
     @asynccontextmanager
@@ -267,10 +423,11 @@ def create_app(
 
     app = FastAPI(title="TSPO retriever", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.batcher = batcher
+    app.state.limits = limits
 
     @app.exception_handler(RequestError)
     async def on_request_error(_: Request, err: RequestError) -> JSONResponse:
-        headers = {"WWW-Authenticate": "Bearer"} if err.status == 401 else None
+        headers = {"WWW-Authenticate": "Bearer"} if err.status == 401 else err.headers
         return _error(err.status, err.message, headers)
 
     @app.exception_handler(StarletteHTTPException)
@@ -282,25 +439,40 @@ def create_app(
         return _error(500, f"retriever failed: {type(err).__name__}: {err}")
 
     @app.get("/health")
-    async def health() -> dict[str, Any]:
-        """Liveness and micro-batching counters."""
+    async def health() -> JSONResponse:
+        """Liveness, queue and micro-batching counters, and the request limits; 503 when dead."""
         stats = batcher.stats
-        return {
-            "status": "ok",
+        payload = {
+            "status": "ok" if batcher.dead is None else "unavailable",
             "documents": len(retriever) if hasattr(retriever, "__len__") else None,
             "batches": stats.batches,
             "requests": stats.requests,
             "queries": stats.queries,
             "largest_batch": stats.largest_batch,
+            "queue_depth": batcher.queue_depth,
+            "in_flight": batcher.in_flight,
+            "busy_seconds": round(batcher.busy_seconds, 3),
+            "refused": stats.refused,
+            "abandoned": stats.abandoned,
+            "failed": stats.failed,
+            "limits": limits.as_dict(),
         }
+        if batcher.dead is not None:
+            payload["error"] = f"retriever unavailable: {batcher.dead}"
+            return JSONResponse(payload, status_code=503)
+        return JSONResponse(payload)
 
     @app.post("/retrieve")
-    async def retrieve(request: Request) -> JSONResponse:
+    async def retrieve(request: Request) -> Response:
         """Search-R1 ``/retrieve``: one list of results per query, in order."""
         _check_token(request, token)
+        batcher.admit()  # refuse before reading the body when the queue is already full
         body = await _read_body(request, limits.max_body_bytes)
         parsed = parse_retrieve_request(body, default_topk=default_topk, limits=limits)
-        results = await batcher.search(parsed.queries, parsed.topk)
+        try:
+            results = await batcher.search(parsed.queries, parsed.topk, request.is_disconnected)
+        except ClientGone:
+            return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
         payload = [
             [hit_to_json(hit, with_score=parsed.return_scores) for hit in hits] for hits in results
         ]
