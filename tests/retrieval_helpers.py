@@ -117,13 +117,14 @@ def tspo_server(index_dir: Path, *extra_args: str, env: dict | None = None) -> I
 
 
 class ScriptedServer:
-    """A real HTTP server answering ``POST /retrieve`` from a script of (status, JSON body).
+    """A real HTTP server answering ``POST /retrieve`` from a script of (status, JSON body) or
+    (status, JSON body, headers).
 
     It speaks the Search-R1 reference server's JSON, which we cannot run here (it needs its own
     e5 index); once the script runs out it repeats the last entry.
     """
 
-    def __init__(self, script: list[tuple[int, object]]):
+    def __init__(self, script: list[tuple]):
         self.script = list(script)
         self.requests: list[dict] = []
         server = self
@@ -132,10 +133,13 @@ class ScriptedServer:
             def do_POST(self) -> None:  # noqa: N802 - http.server's naming
                 length = int(self.headers.get("content-length", 0))
                 server.requests.append(json.loads(self.rfile.read(length)))
-                status, body = server.script.pop(0) if len(server.script) > 1 else server.script[0]
+                entry = server.script.pop(0) if len(server.script) > 1 else server.script[0]
+                status, body, headers = (*entry, {})[:3]
                 data = json.dumps(body).encode()
                 self.send_response(status)
                 self.send_header("content-type", "application/json")
+                for name, value in headers.items():
+                    self.send_header(name, value)
                 self.send_header("content-length", str(len(data)))
                 self.end_headers()
                 self.wfile.write(data)

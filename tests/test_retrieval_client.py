@@ -97,3 +97,76 @@ def test_large_batches_are_split_and_reassembled_in_order():
 def test_invalid_settings_are_refused():
     with pytest.raises(TSPOError):
         HttpRetriever("http://127.0.0.1:1", retries=-1)
+
+
+@pytest.mark.parametrize("status", [429, 503])
+def test_overload_answers_are_retried_after_retry_after(status):
+    script = [(status, {"error": "overloaded"}, {"Retry-After": "1"}), (200, REFERENCE_RESULT)]
+    with ScriptedServer(script) as server:
+        retriever = HttpRetriever(server.url, retries=2, backoff=0.01)
+        started = time.monotonic()
+        hits = retriever.search(["a", "b"], topk=2)
+        waited = time.monotonic() - started
+    assert len(server.requests) == 2
+    assert hits[1] == [Hit("2", "Paris", "Capital of France.", 2.0)]
+    assert 1.0 <= waited < 5.0  # waited what the server asked for, not backoff's 0.01 s
+
+
+def test_retry_after_is_capped():
+    script = [(503, {"error": "overloaded"}, {"Retry-After": "3600"}), (200, REFERENCE_RESULT)]
+    with ScriptedServer(script) as server:
+        retriever = HttpRetriever(server.url, retries=1, backoff=0.01, max_backoff=0.2)
+        started = time.monotonic()
+        retriever.search(["a", "b"])
+        assert time.monotonic() - started < 2.0
+    assert len(server.requests) == 2
+
+
+def test_persistent_429_fails_after_the_retries():
+    with ScriptedServer([(429, {"error": "slow down"})]) as server:
+        with pytest.raises(TSPOError, match=r"after 3 attempts; last error: HTTP 429: slow down"):
+            HttpRetriever(server.url, retries=2, backoff=0.01).search(["q"])
+    assert len(server.requests) == 3
+
+
+def test_backoff_is_exponential_jittered_and_capped(monkeypatch):
+    retriever = HttpRetriever("http://127.0.0.1:1", backoff=0.5, max_backoff=3.0, jitter=0.5)
+    for retry, low in [(1, 0.5), (2, 1.0), (3, 2.0)]:
+        waits = [retriever.backoff_seconds(retry) for _ in range(200)]
+        assert all(low <= wait <= min(low * 1.5, 3.0) for wait in waits)
+        assert len(set(waits)) > 100  # jittered: clients refused together spread out
+    assert retriever.backoff_seconds(10) == 3.0
+    assert retriever.backoff_seconds(1, retry_after=2.5) == 2.5
+    assert retriever.backoff_seconds(1, retry_after=60) == 3.0
+
+    slept: list[float] = []
+    monkeypatch.setattr("tspo.retrieval.client.time.sleep", slept.append)
+    dead = HttpRetriever(f"http://127.0.0.1:{free_port()}", retries=5, backoff=0.5, max_backoff=3.0)
+    with pytest.raises(TSPOError, match="after 6 attempts"):
+        dead.search(["q"])
+    assert len(slept) == 5
+    for wait, low in zip(slept[:3], [0.5, 1.0, 2.0], strict=True):
+        assert low <= wait <= low * 1.5
+    assert slept[3:] == [3.0, 3.0]
+
+
+@pytest.mark.parametrize("score", ["high", None, True, [1.0], float("nan")])
+def test_a_non_numeric_score_is_a_clear_error(score):
+    payload = {"result": [[{"document": {"id": "1", "contents": "T\nx"}, "score": score}]]}
+    with ScriptedServer([(200, payload)]) as server:
+        with pytest.raises(TSPOError, match="score that is not a number"):
+            HttpRetriever(server.url, retries=0).search(["q"])
+
+
+def test_queries_are_cut_and_batches_split_to_the_default_limits():
+    rows = [[{"document": {"id": "1", "contents": "T\nx"}, "score": 1.0}]]
+    with ScriptedServer([(200, {"result": rows})]) as server:
+        retriever = HttpRetriever(server.url, max_body_bytes=6_000)
+        assert retriever.max_query_chars == 4096  # tspo serve's default
+        hits = retriever.search(["x" * 10_000], topk=1)
+        assert hits == [[Hit("1", "T", "x", 1.0)]]
+        assert server.requests[0]["queries"] == ["x" * 4096]
+        server.requests.clear()
+        assert len(retriever.search(["y" * 5000] * 3, topk=1)) == 3
+    # two queries of 4096 characters do not fit one 6,000-byte body: one request each
+    assert [r["queries"] for r in server.requests] == [["y" * 4096]] * 3

@@ -18,6 +18,7 @@ from retrieval_helpers import app_server, corpus_docs, tspo_server, write_test_c
 
 from tspo.retrieval.base import Retriever
 from tspo.retrieval.bm25 import BM25Retriever
+from tspo.retrieval.client import HttpRetriever
 from tspo.retrieval.index import build_index
 from tspo.retrieval.server import create_app
 
@@ -227,3 +228,18 @@ def test_tspo_serve_max_pending_flag_and_health_limits(served_index):
         "max_body_bytes": 1 << 20,
         "max_pending": 3,
     }
+
+
+def test_a_10000_character_query_fits_a_server_with_small_limits(served_index):
+    """A runaway generation as a search query: the client cuts it to the server's limit."""
+    runaway = ("capital of japan " * 700)[:10_000]
+    queries = [runaway] + [f"largest planet {i}" for i in range(19)]
+    with tspo_server(served_index, "--max-query-chars", "200", "--max-queries", "8") as url:
+        with HttpRetriever(url, retries=0) as retriever:
+            hits = retriever.search(queries, topk=1)
+            assert (retriever.max_query_chars, retriever.max_batch) == (200, 8)  # from /health
+            assert [row[0].title for row in hits] == ["Tokyo"] + ["Jupiter"] * 19
+            assert retriever.search([runaway], topk=1)[0][0].title == "Tokyo"
+        state = health(url).json()
+    # 422 for the first request, then 3 requests of at most 8 queries, then one more search
+    assert (state["requests"], state["queries"]) == (4, 21)
