@@ -6,7 +6,9 @@ hostile text (unclosed or nested tags, megabytes of output) cannot blow up into 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+import re
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
@@ -124,22 +126,67 @@ def extract_last_answer(response: str) -> str | None:
     return response[open_at + len(ANSWER_OPEN) : close_at].strip()
 
 
-def strip_protocol_tags(text: str) -> str:
-    """``text`` with every protocol tag removed.
+_TAG_NAMES = ("think", "search", "answer", "information")
+_TAG_PATTERN = r"</?(?:" + "|".join(_TAG_NAMES) + r")>"
+# Chat-template control tokens of ChatML, Qwen and Llama 3 (<|im_end|>, <|endoftext|>,
+# <|eot_id|>, ...), stripped even when no tokenizer is at hand.
+_CONTROL_TOKEN_PATTERN = r"<\|[^<>|\s]{1,64}\|>"
+_MAX_STRIP_PASSES = 16
+
+
+def special_tokens_of(tokenizer: Any) -> tuple[str, ...]:
+    """The special tokens of a Hugging Face tokenizer: ``all_special_tokens`` plus every added
+    token marked special (ChatML's ``<|im_start|>`` is often only the latter)."""
+    if tokenizer is None:
+        return ()
+    tokens = set(getattr(tokenizer, "all_special_tokens", None) or ())
+    added = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    tokens.update(token.content for token in added.values() if getattr(token, "special", False))
+    return tuple(sorted(token for token in tokens if isinstance(token, str)))
+
+
+@functools.lru_cache(maxsize=32)
+def _strip_pattern(special_tokens: tuple[str, ...]) -> re.Pattern[str]:
+    generic = re.compile(f"{_TAG_PATTERN}|{_CONTROL_TOKEN_PATTERN}", re.IGNORECASE)
+    literals = {t.strip() for t in special_tokens if len(t.strip()) >= 2}
+    # Longest first, so a token wins over its prefix; those the generic patterns match are left
+    # to them (Llama 3 has 256 <|reserved_special_token_N|>), which keeps the scan short.
+    parts = [
+        re.escape(token)
+        for token in sorted(literals, key=lambda t: (-len(t), t))
+        if not generic.fullmatch(token)
+    ]
+    return re.compile("|".join([*parts, _TAG_PATTERN, _CONTROL_TOKEN_PATTERN]), re.IGNORECASE)
+
+
+def strip_protocol_tags(text: str, special_tokens: Iterable[str] = ()) -> str:
+    """``text`` with every protocol tag and control token replaced by a space.
 
     Retrieved documents go through this, so a passage containing ``</answer>`` or
-    ``<information>`` can never be parsed as an action, an answer or an observation boundary.
+    ``<information>`` can never be parsed as an action, an answer or an observation boundary,
+    and a passage containing a chat control token (``<|im_end|>``) can never be encoded as that
+    token. Tags match in any letter case (``</ANSWER>``, ``<Search>``).
+    Removed as well: ``<|...|>`` control tokens, and each of ``special_tokens`` (pass
+    :func:`special_tokens_of` the tokenizer that will encode the text; tokens shorter than two
+    characters are kept). Each removal leaves a space, so the two sides cannot join into a new
+    tag; a special token with a blank inside could, so the scan repeats until nothing matches.
     """
-    for tag in PROTOCOL_TAGS:
-        if tag in text:
-            text = text.replace(tag, " ")
-    return text
+    pattern = _strip_pattern(tuple(sorted(set(special_tokens))))
+    for _ in range(_MAX_STRIP_PASSES):
+        text, removed = pattern.subn(" ", text)
+        if not removed:
+            return text
+    # Only text nesting a special token with a blank inside 16 deep gets here: drop every '<'.
+    return pattern.sub(" ", text).replace("<", " ")
 
 
-def format_documents(docs: Sequence[tuple[str, str]]) -> str:
-    """``Doc i(Title: T) text`` lines for (title, text) pairs, numbered from 1, tags stripped."""
+def format_documents(docs: Sequence[tuple[str, str]], special_tokens: Iterable[str] = ()) -> str:
+    """``Doc i(Title: T) text`` lines for (title, text) pairs, numbered from 1, with protocol tags
+    and control tokens (and ``special_tokens``) stripped: see :func:`strip_protocol_tags`."""
+    special_tokens = tuple(special_tokens)
     return "\n".join(
-        f"Doc {i}(Title: {strip_protocol_tags(title)}) {strip_protocol_tags(text)}"
+        f"Doc {i}(Title: {strip_protocol_tags(title, special_tokens)}) "
+        f"{strip_protocol_tags(text, special_tokens)}"
         for i, (title, text) in enumerate(docs, 1)
     )
 

@@ -9,6 +9,7 @@ from tspo.protocol import (
     INVALID_ACTION_MESSAGE,
     Action,
     format_documents,
+    special_tokens_of,
     truncate_to_tokens,
     wrap_information,
 )
@@ -41,13 +42,18 @@ def reply_to_actions(
     """One reply per action; all searches of the turn go to ``retriever`` as one batched call.
 
     An answer ends a rollout, and so does anything in the final turn (whose searches are not run).
-    An invalid action gets ``INVALID_ACTION_MESSAGE``.
+    An invalid action gets ``INVALID_ACTION_MESSAGE``. Retrieved text loses protocol tags and the
+    tokenizer's special tokens before it is encoded, so a passage cannot end a turn, fake an
+    answer or inject ``<|im_end|>`` (:func:`tspo.protocol.strip_protocol_tags`).
     """
     searching = [i for i, a in enumerate(actions) if a.kind == "search" and not final_turn]
     hits = retriever.search([actions[i].content for i in searching], topk) if searching else []
+    special = special_tokens_of(tokenizer) if searching else ()
     observations = {
         i: truncate_to_tokens(
-            format_documents([(h.title, h.text) for h in row_hits]), tokenizer, max_obs_tokens
+            format_documents([(h.title, h.text) for h in row_hits], special),
+            tokenizer,
+            max_obs_tokens,
         )
         for i, row_hits in zip(searching, hits, strict=True)
     }
