@@ -79,6 +79,15 @@ GOOD = '{"id": "1", "contents": "T\\nx"}\n'
         (GOOD.encode() + b'{"id": "2", "contents": \n', "line 2: invalid JSON"),
         (GOOD.encode() + b'["id", "contents"]\n', "line 2: expected a JSON object"),
         (GOOD.encode() * 2 + b'{"id": "3", "contents": "\xff\xfe"}\n', "line 3: not UTF-8"),
+        (
+            GOOD.encode() + b'{"id": 1' + b"0" * 5000 + b', "contents": "x"}\n',
+            r"line 2: invalid JSON \(an integer of more than 4300 digits\)",
+        ),
+        (
+            GOOD.encode() + b'{"id": "2", "contents": ' + b"[" * 100_000 + b"]" * 100_000 + b"}\n",
+            r"line 2: invalid JSON \(nested too deeply\)",
+        ),
+        (GOOD.encode() + b"[" * (1 << 20) + b"\n", r"line 2: invalid JSON \(nested too deeply\)"),
     ],
 )
 def test_bad_files_name_the_file_and_line(tmp_path: Path, content: bytes, message: str) -> None:
@@ -93,3 +102,19 @@ def test_bad_files_name_the_file_and_line(tmp_path: Path, content: bytes, messag
 def test_missing_file(tmp_path: Path) -> None:
     with pytest.raises(TSPOError, match="cannot read"):
         read_corpus(tmp_path / "nope.jsonl")
+
+
+def test_an_over_long_line_is_refused_without_reading_it_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "long.jsonl"
+    long_doc = '{"id": "2", "contents": "T\\n' + "x" * 5000 + '"}\n'
+    path.write_text(GOOD + long_doc + GOOD)
+    assert len(read_corpus(path)) == 3
+    monkeypatch.setattr("tspo.data.corpus.MAX_JSONL_LINE_BYTES", 1000)
+    with pytest.raises(TSPOError, match="line 2: line longer than 1000 bytes") as err:
+        read_corpus(path)
+    assert str(path) in str(err.value) and "\n" not in str(err.value)
+    exact = tmp_path / "exact.jsonl"
+    exact.write_text(GOOD.rstrip("\n").ljust(999) + "\n")  # 1000 bytes with the newline
+    assert len(read_corpus(exact)) == 1

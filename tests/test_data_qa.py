@@ -182,6 +182,23 @@ FLASHRAG_OK = '{"id": "1", "question": "q?", "golden_answers": ["a"]}\n'
         ),
         (FLASHRAG_OK.encode() + b"\xff\n", "line 2: not UTF-8"),
         (FLASHRAG_OK.encode() + b"{oops\n", "line 2: invalid JSON"),
+        (
+            FLASHRAG_OK.encode() + b'{"id": 9' + b"9" * 10_000 + b', "question": "q"}\n',
+            "line 2: invalid JSON [(]an integer of more than",
+        ),
+        (
+            FLASHRAG_OK.encode() + b"[" * (1 << 20) + b"\n",
+            "line 2: invalid JSON [(]nested too deeply",
+        ),
+        (
+            FLASHRAG_OK.encode()
+            + b'{"id": "2", "question": "q", "golden_answers": '
+            + b'{"a": ' * 50_000
+            + b"1"
+            + b"}" * 50_000
+            + b"}\n",
+            "line 2: invalid JSON [(]nested too deeply",
+        ),
     ],
 )
 def test_bad_flashrag_files(tmp_path: Path, content: bytes, message: str) -> None:
@@ -190,6 +207,18 @@ def test_bad_flashrag_files(tmp_path: Path, content: bytes, message: str) -> Non
     with pytest.raises(TSPOError, match=message) as err:
         read_qa(path)
     assert str(path) in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_an_over_long_flashrag_line_names_the_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "long.jsonl"
+    path.write_text(FLASHRAG_OK + FLASHRAG_OK.replace("q?", "q" * 3000))
+    assert len(read_qa(path)) == 2
+    monkeypatch.setattr("tspo.data.corpus.MAX_JSONL_LINE_BYTES", 1000)
+    with pytest.raises(TSPOError, match=f"{path}: line 2: line longer than 1000 bytes"):
+        read_qa(path)
 
 
 def _bad_target(row: dict[str, Any]) -> None:

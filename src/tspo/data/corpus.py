@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,32 +37,56 @@ class CorpusDoc:
         return cls(doc_id, title, text)
 
 
-def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
+MAX_JSONL_LINE_BYTES = 64 << 20
+"""Longest jsonl line the readers accept (64 MiB); a longer one is a broken file, not a record."""
+
+
+def iter_jsonl(
+    path: str | Path, *, max_line_bytes: int | None = None
+) -> Iterator[tuple[int, dict[str, Any]]]:
     """(line number, object) for each non-blank line of a UTF-8 jsonl file.
 
-    Raises TSPOError naming the file and line for a missing file, bytes that are not UTF-8, invalid
-    JSON, or a line that is not a JSON object.
+    Raises a one-line TSPOError naming the file and line for a missing file, bytes that are not
+    UTF-8, invalid JSON (including numbers too long to convert and nesting too deep to decode), a
+    line longer than ``max_line_bytes`` (default :data:`MAX_JSONL_LINE_BYTES`, newline included;
+    such a line is never read whole), or a line that is not a JSON object.
     """
     path = Path(path)
+    limit = MAX_JSONL_LINE_BYTES if max_line_bytes is None else max_line_bytes
     try:
         handle = path.open("rb")
     except OSError as err:
         raise TSPOError(f"{path}: cannot read ({err.strerror})") from err
     with handle:
-        for line_no, raw in enumerate(handle, 1):
+        line_no = 0
+        while raw := handle.readline(limit + 1):
+            line_no += 1
+            where = f"{path}: line {line_no}"
+            if len(raw) > limit:
+                raise TSPOError(f"{where}: line longer than {limit} bytes")
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as err:
-                raise TSPOError(f"{path}: line {line_no}: not UTF-8 text ({err.reason})") from err
+                raise TSPOError(f"{where}: not UTF-8 text ({err.reason})") from err
             if not line.strip():
                 continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise TSPOError(f"{path}: line {line_no}: invalid JSON ({err.msg})") from err
-            if not isinstance(obj, dict):
-                raise TSPOError(f"{path}: line {line_no}: expected a JSON object")
-            yield line_no, obj
+            yield line_no, _json_object(line, where)
+
+
+def _json_object(line: str, where: str) -> dict[str, Any]:
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise TSPOError(f"{where}: invalid JSON ({err.msg})") from err
+    except ValueError as err:  # int() refuses integers of more than sys.get_int_max_str_digits()
+        raise TSPOError(
+            f"{where}: invalid JSON (an integer of more than {sys.get_int_max_str_digits()} digits)"
+        ) from err
+    except RecursionError as err:
+        raise TSPOError(f"{where}: invalid JSON (nested too deeply)") from err
+    if not isinstance(obj, dict):
+        raise TSPOError(f"{where}: expected a JSON object")
+    return obj
 
 
 def _corpus_doc(path: Path, line_no: int, row: dict[str, Any]) -> CorpusDoc:
