@@ -94,8 +94,10 @@ def test_full_queue_answers_503_with_retry_after_at_once(pool):
     retriever = ScriptedRetriever()
     with app_server(create_app(retriever, max_pending=2)) as url:
         first = block_worker(pool, url, retriever)
-        queued = [pool.submit(post, url, q) for q in ("capital of japan", "largest planet")]
-        wait_until(lambda: queue_depth(url) == 2)
+        queued = []
+        for depth, query in enumerate(("capital of japan", "largest planet"), 1):
+            queued.append(pool.submit(post, url, query))
+            wait_until(lambda depth=depth: queue_depth(url) == depth)
 
         refusals = []
         with httpx.Client(base_url=url, timeout=TIMEOUT) as client:
