@@ -521,6 +521,16 @@ def create_app(
             results = await batcher.search(parsed.queries, parsed.topk, gone.is_set)
         except ClientGone:
             return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
+        except RequestError:
+            raise
+        except Exception as err:  # noqa: BLE001 - this request's own search failed: one log line
+            logger.warning(
+                "retrieval failed for %d queries: %s: %s",
+                len(parsed.queries),
+                type(err).__name__,
+                err,
+            )
+            return _error(500, f"retriever failed: {type(err).__name__}: {err}")
         finally:
             watcher.cancel()
         payload = [
