@@ -46,6 +46,7 @@ bench: setup
 	$(BIN)/pip install -q -e '.[bench]'
 	$(BIN)/python benchmarks/algo.py
 	$(BIN)/python benchmarks/retrieval.py
+	$(BIN)/python benchmarks/overload.py
 	$(BIN)/python benchmarks/rollout.py
 	$(BIN)/python benchmarks/update.py
 
