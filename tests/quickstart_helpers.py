@@ -9,7 +9,7 @@ from tspo.sft import SFTConfig
 
 
 def mini_settings(**rl_overrides) -> QuickstartSettings:
-    """Settings that run every stage end to end in seconds (nothing is learned at this size)."""
+    """Settings that run every stage end to end in seconds, from the shipped base."""
     rl = dict(
         steps=2,
         prompts_per_step=2,
@@ -18,18 +18,15 @@ def mini_settings(**rl_overrides) -> QuickstartSettings:
         max_turn_tokens=12,
         max_obs_tokens=48,
         topk=2,
+        eval_examples=4,
     )
     rl.update(rl_overrides)
     return QuickstartSettings(
         threads=1,
         world=WorldStage(seed=0, size="tiny"),
         policy=PolicyStage(
-            vocab_size=600,
-            model_preset="micro",
-            model_overrides={},
             expert_passes=1,
-            practice_worlds=1,
-            lm_episodes=40,
+            practice_worlds=0,
             sft=SFTConfig(epochs=1, batch_size=32, max_obs_tokens=48),
         ),
         rl=RLStage(**rl),

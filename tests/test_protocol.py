@@ -91,7 +91,13 @@ def test_chat_template_needs_a_tokenizer_that_has_one(tokenizer: PreTrainedToken
 def test_stop_strings_are_the_closing_action_tags() -> None:
     assert STOP_STRINGS == (SEARCH_CLOSE, ANSWER_CLOSE)
     assert len(set(PROTOCOL_TAGS)) == 8
-    assert SEARCH_OPEN in INVALID_ACTION_MESSAGE and ANSWER_OPEN in INVALID_ACTION_MESSAGE
+
+
+
+def test_corrective_message_names_no_tag() -> None:
+    """A small policy copies what it reads: the message must not spell out tags to repeat."""
+    assert not any(tag in INVALID_ACTION_MESSAGE for tag in PROTOCOL_TAGS)
+    assert "<" not in INVALID_ACTION_MESSAGE
 
 
 # --- parse_action -----------------------------------------------------------------------------
@@ -149,6 +155,8 @@ def test_parse_action_after_a_turn_stopped_at_a_stop_string() -> None:
         ("<answer>a</answer> then <answer>unclosed", "a"),
         ("<answer>a<answer>b</answer>", "b"),
         ("<answer></answer>", ""),
+        ("<answer></answer></answer>", ""),
+        ("<answer> x </answer> y </answer>", "x"),
         ("no answer at all", None),
         ("</answer><answer>", None),
         ("", None),

@@ -35,10 +35,19 @@ class EvalResult:
 
 
 def summarize(trajectories: Sequence[Trajectory]) -> dict[str, float]:
-    """Count, EM, F1, mean turns, mean searches and answer rate of some trajectories."""
+    """Count, EM, F1, mean turns and searches, answer rate and the share of invalid turns."""
     count = len(trajectories)
     if count == 0:
-        return {"count": 0, "em": 0.0, "f1": 0.0, "turns": 0.0, "searches": 0.0, "answered": 0.0}
+        return {
+            "count": 0,
+            "em": 0.0,
+            "f1": 0.0,
+            "turns": 0.0,
+            "searches": 0.0,
+            "answered": 0.0,
+            "invalid_rate": 0.0,
+        }
+    turns = sum(t.num_turns for t in trajectories)
     return {
         "count": count,
         "em": sum(t.outcome for t in trajectories) / count,
@@ -46,6 +55,7 @@ def summarize(trajectories: Sequence[Trajectory]) -> dict[str, float]:
         "turns": sum(t.num_turns for t in trajectories) / count,
         "searches": sum(t.num_searches for t in trajectories) / count,
         "answered": sum(t.final_answer is not None for t in trajectories) / count,
+        "invalid_rate": sum(t.num_invalid for t in trajectories) / max(turns, 1),
     }
 
 

@@ -117,12 +117,15 @@ def extract_last_answer(response: str) -> str | None:
 
     Call it on the model's response only, never on the prompt: the prompt carries an example answer.
     """
-    close_at = response.rfind(ANSWER_CLOSE)
-    if close_at < 0:
+    last_close = response.rfind(ANSWER_CLOSE)
+    if last_close < 0:
         return None
-    open_at = response.rfind(ANSWER_OPEN, 0, close_at)
+    open_at = response.rfind(ANSWER_OPEN, 0, last_close)
     if open_at < 0:
         return None
+    # The block closes at the first closing tag after its opening tag: in
+    # ``<answer>a</answer></answer>`` the stray last tag is not part of the answer.
+    close_at = response.find(ANSWER_CLOSE, open_at + len(ANSWER_OPEN))
     return response[open_at + len(ANSWER_OPEN) : close_at].strip()
 
 

@@ -182,11 +182,13 @@ def fmt(value: float, digits: int = 3) -> str:
 def before_after_table(
     before: Mapping[str, Mapping[str, float]], after: Mapping[str, Mapping[str, float]]
 ) -> str:
-    """EM, F1, turns and searches per data source, before and after RL, with the EM change."""
+    """EM, F1, turns, searches, answer rate and invalid-action rate per data source, before and
+    after RL, with the EM change."""
     lines = [
         "| questions | n | EM before | EM after | change | F1 before | F1 after "
-        "| turns before | turns after | searches before | searches after |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| turns before | turns after | searches before | searches after "
+        "| answered before | answered after | invalid before | invalid after |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     sources = [s for s in before if s != "overall"] + ["overall"]
     for source in sources:
@@ -198,7 +200,10 @@ def before_after_table(
             f"| {name} | {int(b['count'])} | {fmt(b['em'])} | {fmt(a['em'])} | "
             f"{a['em'] - b['em']:+.3f} | {fmt(b['f1'])} | {fmt(a['f1'])} | "
             f"{fmt(b['turns'], 2)} | {fmt(a['turns'], 2)} | "
-            f"{fmt(b['searches'], 2)} | {fmt(a['searches'], 2)} |"
+            f"{fmt(b['searches'], 2)} | {fmt(a['searches'], 2)} | "
+            f"{fmt(b.get('answered', float('nan')))} | {fmt(a.get('answered', float('nan')))} | "
+            f"{fmt(b.get('invalid_rate', float('nan')))} | "
+            f"{fmt(a.get('invalid_rate', float('nan')))} |"
         )
     return "\n".join(lines) + "\n"
 

@@ -32,6 +32,7 @@ class SFTConfig:
     max_grad_norm: float = 1.0
     max_obs_tokens: int = 500  # same budget as the rollout's, so SFT sees what RL will see
     use_chat_template: bool = False
+    bf16: bool | str = "auto"  # bf16 autocast (fp32 weights); auto: CUDA or a CPU with native bf16
     seed: int = 0
 
 
@@ -131,6 +132,8 @@ def train_sft(
     """
     import torch
 
+    from tspo.train.forward import autocast_context
+
     if not examples:
         raise TSPOError("SFT needs at least one episode")
     rng = random.Random(config.seed)
@@ -147,14 +150,17 @@ def train_sft(
         optimizer, lambda step: _lr_factor(step, total, warmup)
     )
     model.train()
+    device = next(model.parameters()).device
     losses: list[float] = []
     for _ in range(config.epochs):
         rng.shuffle(batches)
         for batch_rows in batches:
             batch = collate([examples[i] for i in batch_rows], pad_id)
-            logits = model(
-                input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
-            ).logits
+            batch = {name: tensor.to(device) for name, tensor in batch.items()}
+            with autocast_context(device, config.bf16):
+                logits = model(
+                    input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
+                ).logits
             loss = masked_lm_loss(logits, batch["input_ids"], batch["loss_mask"])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

@@ -9,15 +9,54 @@ from tspo.errors import TSPOError
 from tspo.models.smollm2 import ALIAS as SMOLLM2_ALIAS
 
 DTYPES = ("float32", "bfloat16", "float16")
+TINY_BASE_ALIAS = "tspo-tiny-base"
+ALIASES = (TINY_BASE_ALIAS, SMOLLM2_ALIAS)
 
 
-def resolve_model_path(name_or_path: str, cache_dir: str | Path | None = None) -> str:
-    """A folder or hub id for ``from_pretrained``; the SmolLM2 alias becomes its cached folder."""
+def tiny_base_path() -> Path:
+    """The folder of the shipped tiny base model (made by ``tspo pretrain``; see its README.md)."""
+    return Path(__file__).resolve().parent.parent / "assets" / "tiny-base"
+
+
+def _in_hub_cache(repo_id: str) -> bool:
+    """Whether the local Hugging Face cache holds ``repo_id``'s config (never contacts the hub)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        found = try_to_load_from_cache(repo_id, "config.json")
+    except ValueError:  # not a valid repo id
+        return False
+    return isinstance(found, str)
+
+
+def resolve_model_path(
+    name_or_path: str, cache_dir: str | Path | None = None, *, tokenizer_only: bool = False
+) -> str:
+    """A folder or cached hub id for ``from_pretrained``; an alias becomes its folder.
+
+    Offline by design: a name that is neither a folder, an alias nor a hub id already in the local
+    cache fails at once with one line instead of retrying a network it cannot reach.
+    """
     if name_or_path == SMOLLM2_ALIAS:
         from tspo.models.smollm2 import smollm2_path
 
         return str(smollm2_path(cache_dir))
-    return name_or_path
+    if name_or_path == TINY_BASE_ALIAS:
+        folder = tiny_base_path()
+        if not (folder / "config.json").is_file():
+            raise TSPOError(f"{TINY_BASE_ALIAS}: the shipped base is missing from {folder}")
+        return str(folder)
+    path = Path(name_or_path)
+    if path.is_dir():
+        if not tokenizer_only and not (path / "config.json").is_file():
+            raise TSPOError(f"{name_or_path} is not a model folder (no config.json)")
+        return name_or_path
+    if _in_hub_cache(name_or_path):
+        return name_or_path
+    raise TSPOError(
+        f"unknown model {name_or_path!r}: not a folder, not an alias ({', '.join(ALIASES)}) and "
+        "not in the local Hugging Face cache (nothing is downloaded)"
+    )
 
 
 def resolve_device(device: str = "auto") -> Any:
@@ -36,7 +75,7 @@ def load_tokenizer(name_or_path: str) -> Any:
     """A tokenizer with a pad token (the EOS token when the model defines none)."""
     from transformers import AutoTokenizer
 
-    path = resolve_model_path(name_or_path)
+    path = resolve_model_path(name_or_path, tokenizer_only=True)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as err:

@@ -8,6 +8,7 @@ from pathlib import Path
 import typer
 
 from tspo.cli_apps import app, data_app
+from tspo.quickstart.settings import PolicyStage
 
 WORLD_SIZES = "tiny|small|medium|large"
 
@@ -44,7 +45,9 @@ def sft(
         None, "--index", help="BM25 index of the world's corpus; built in memory when omitted."
     ),
     epochs: int = typer.Option(1, "--epochs", help="Passes over the expert episodes."),
-    lr: float = typer.Option(3e-3, "--lr", help="Peak learning rate (AdamW, cosine decay)."),
+    lr: float = typer.Option(
+        PolicyStage().sft.lr, "--lr", help="Peak learning rate (AdamW, cosine decay)."
+    ),
     early_answer: float = typer.Option(
         0.6, "--early-answer", help="How often the expert answers one hop too early."
     ),
@@ -52,26 +55,25 @@ def sft(
         0.15, "--wrong-query", help="How often the expert searches a near-duplicate name."
     ),
     practice_worlds: int = typer.Option(
-        6, "--practice-worlds", help="Extra worlds whose questions add SFT episodes."
+        PolicyStage.practice_worlds,
+        "--practice-worlds",
+        help="Extra worlds whose questions add SFT episodes.",
     ),
-    lm_episodes: int = typer.Option(
-        1600, "--lm-episodes", help="Practice episodes for the full-loss warm-up before SFT."
+    base: str = typer.Option(
+        PolicyStage.base, "--base", help="Base model folder or alias (the shipped tiny base)."
     ),
-    vocab_size: int = typer.Option(1000, "--vocab-size", help="Tokenizer vocabulary size."),
-    seed: int = typer.Option(0, "--seed", help="Seed for the expert, the model and SFT."),
+    seed: int = typer.Option(0, "--seed", help="Seed for the expert and SFT."),
 ) -> None:
-    """Warm-start a tiny policy on the world's noisy scripted-expert episodes.
+    """Warm-start a search policy from a base model on the world's noisy scripted-expert episodes.
 
-    Trains a tokenizer on the world (and practice worlds), builds a small Qwen2-style model, runs
-    a language-model warm-up on practice-world episodes, then SFT with the loss on the model's own
-    tokens only. Saves model and tokenizer in Hugging Face format.
+    Plays the noisy expert through the real retriever and protocol, then fine-tunes the base with
+    the loss on the model's own tokens only (prompt and <information> blocks are masked). Saves
+    model and tokenizer in Hugging Face format.
     """
     from rich.console import Console
 
     from tspo.data.world import CORPUS_FILE, load_world
     from tspo.quickstart.pipeline import train_policy
-    from tspo.quickstart.settings import PolicyStage
-    from tspo.sft import SFTConfig
     from tspo.train.components import open_retriever
 
     loaded = load_world(world_dir)
@@ -79,13 +81,14 @@ def sft(
         index=str(index) if index else None,
         corpus=None if index else str(world_dir / CORPUS_FILE),
     )
-    settings = PolicyStage(
-        vocab_size=vocab_size,
+    defaults = PolicyStage()
+    settings = replace(
+        defaults,
+        base=base,
         practice_worlds=practice_worlds,
-        lm_episodes=lm_episodes,
         early_answer=early_answer,
         wrong_query=wrong_query,
-        sft=replace(SFTConfig(), epochs=epochs, lr=lr, seed=seed),
+        sft=replace(defaults.sft, epochs=epochs, lr=lr, seed=seed),
         seed=seed,
     )
     info = train_policy(loaded, retriever, settings, out)
@@ -105,6 +108,9 @@ def quickstart(
     size: str = typer.Option("small", "--size", help=f"World size: {WORLD_SIZES}."),
     estimator: str = typer.Option("tspo", "--estimator", help="Advantage estimator for RL."),
     seed: int = typer.Option(0, "--seed", help="Seed of the world, the policy and RL."),
+    base: str = typer.Option(
+        PolicyStage.base, "--base", help="Base model folder or alias that SFT starts from."
+    ),
     threads: int | None = typer.Option(
         None, "--threads", help="torch CPU threads (default: torch's choice)."
     ),
@@ -126,7 +132,7 @@ def quickstart(
         settings,
         threads=threads,
         world=replace(settings.world, size=size, seed=seed),
-        policy=replace(settings.policy, seed=seed),
+        policy=replace(settings.policy, seed=seed, base=base),
         rl=rl,
     )
     run_quickstart(out, settings, fresh=fresh)

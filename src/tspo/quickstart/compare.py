@@ -25,12 +25,12 @@ from tspo.quickstart.pipeline import (
     ensure_world,
     evaluate_folder,
     fingerprint,
+    held_out_examples,
     is_done,
     mark_done,
     rl_train_config,
     stage_record,
     start_run,
-    test_examples,
 )
 from tspo.quickstart.settings import QuickstartSettings
 from tspo.report import Curve, fmt, mean_std_curve, plot_curves, read_jsonl, steps_to_reach
@@ -120,7 +120,7 @@ def run_compare(
     world = ensure_world(paths, settings, console)
     retriever = ensure_index(paths, settings, console)
     ensure_policy(paths, world, retriever, settings, console)
-    examples = test_examples(paths, settings.eval.max_examples)
+    examples = held_out_examples(paths.world, settings.eval.max_examples)
     sft_fp = fingerprint(settings.world, settings.policy, settings.rl, len(examples))
     sft_eval_dir = paths.evals / "sft"
     if is_done(sft_eval_dir, sft_fp):

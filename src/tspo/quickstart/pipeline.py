@@ -22,7 +22,6 @@ from tspo.retrieval.base import Retriever
 from tspo.utils import progress_bar, write_json
 
 STAGE_FILE = "stage.json"
-PROTOCOL_TEXT_WEIGHT = 200  # copies of the prompt text the tokenizer trains on
 PRACTICE_SEED_BASE = 1_000_000  # practice worlds' seeds start here, far from user seeds
 
 
@@ -51,6 +50,11 @@ class RunPaths:
     @property
     def evals(self) -> Path:
         return self.root / "eval"
+
+    @property
+    def transfer(self) -> Path:
+        """Another world (seed + 1) and its index, for the generalisation check."""
+        return self.root / "transfer"
 
     @property
     def img(self) -> Path:
@@ -124,22 +128,6 @@ def ensure_index(paths: RunPaths, settings: QuickstartSettings, console: Console
     return load_retriever(paths.index)
 
 
-def tokenizer_texts(worlds: list[Any], episodes: list[Any]) -> list[str]:
-    """What the tokenizer learns from: the worlds' text, the protocol's text, expert turns.
-
-    The prompt is repeated so its words become whole tokens (it opens every sequence); names stay
-    split into syllable pieces shared by all worlds, so copying a name the policy has never seen
-    is made of moves it has practised.
-    """
-    from tspo.data.world import iter_world_text
-    from tspo.protocol import INVALID_ACTION_MESSAGE, PROMPT_TEMPLATE
-
-    texts = [text for world in worlds for text in iter_world_text(world)]
-    texts += [PROMPT_TEMPLATE, INVALID_ACTION_MESSAGE] * PROTOCOL_TEXT_WEIGHT
-    texts += [turn for episode in episodes for turn in episode.generated]
-    return texts
-
-
 def practice_worlds(world: Any, count: int) -> list[Any]:
     """``count`` extra worlds (same size, other seeds) whose questions only feed SFT."""
     from tspo.data.world import generate_world
@@ -203,32 +191,26 @@ def train_policy(
     max_turns: int = 4,
     show_progress: bool = True,
 ) -> dict[str, Any]:
-    """Tokenizer + tiny model + warm-up + SFT on noisy expert episodes; saves an HF folder.
+    """SFT of the base model on noisy expert episodes; saves an HF folder.
 
-    Two phases. (1) Language-model warm-up: ``policy.lm_episodes`` practice-world episodes with
-    the loss on every token; names repeat inside documents and between documents and turns, so
-    this is where the model learns to copy. Only practice worlds feed it, so it learns nothing
-    about the real world's facts. (2) SFT: the real world's training episodes and the remaining
-    practice episodes, loss on the model's own tokens only. Returns facts for the report.
+    The base (``policy.base``, the shipped ``tspo-tiny-base`` by default) already reads and copies;
+    SFT teaches it the search protocol, with the loss on the model's own tokens only. Episodes
+    come from the world's training questions and from practice worlds, whose names differ, so the
+    policy learns to copy names from the question and the documents instead of memorising the
+    world. Returns facts for the report.
     """
-    from dataclasses import replace
-
     from tspo.algo import exact_match
-    from tspo.models.tiny import build_tiny_model, count_parameters, train_tokenizer
-    from tspo.sft import SFTExample, encode_episode, save_policy, train_sft
+    from tspo.models.loading import load_policy
+    from tspo.models.tiny import count_parameters
+    from tspo.sft import encode_episode, save_policy, train_sft
     from tspo.utils import set_seed
 
     set_seed(policy.seed)
-    own, practice, worlds = expert_episodes(world, retriever, policy, topk, max_turns)
-    tokenizer = train_tokenizer(
-        tokenizer_texts(worlds, own + practice), vocab_size=policy.vocab_size
-    )
-    model = build_tiny_model(
-        tokenizer, policy.model_preset, seed=policy.seed, **policy.model_overrides
-    )
-
-    def encode(episode: Any) -> Any:
-        return encode_episode(
+    own, practice, _ = expert_episodes(world, retriever, policy, topk, max_turns)
+    model, tokenizer = load_policy(policy.base, device="cpu")
+    episodes = own + practice
+    examples = [
+        encode_episode(
             tokenizer,
             episode.example.question,
             episode.generated,
@@ -236,45 +218,43 @@ def train_policy(
             max_obs_tokens=policy.sft.max_obs_tokens,
             use_chat_template=policy.sft.use_chat_template,
         )
-
-    warmup = [encode(e) for e in practice[: policy.lm_episodes]]
-    warmup = [SFTExample(e.input_ids, [1] * len(e.input_ids)) for e in warmup]
-    sft_episodes = own + practice[policy.lm_episodes :]
-    examples = [encode(e) for e in sft_episodes]
-    pad_id = tokenizer.pad_token_id
+        for episode in episodes
+    ]
     with progress_bar(disable=not show_progress) as progress:
+        task = progress.add_task("SFT", total=None)
 
-        def reporter(name: str) -> Any:
-            task = progress.add_task(name, total=None)
+        def on_step(step: int, total: int, loss: float) -> None:
+            progress.update(task, completed=step, total=total, description=f"SFT (loss {loss:.3f})")
 
-            def on_step(step: int, total: int, loss: float) -> None:
-                progress.update(
-                    task, completed=step, total=total, description=f"{name} (loss {loss:.3f})"
-                )
-
-            return on_step
-
-        warmup_losses = []
-        if warmup:
-            warmup_config = replace(policy.sft, epochs=1)
-            warmup_losses = train_sft(
-                model, warmup, warmup_config, pad_id=pad_id, on_step=reporter("LM warm-up")
-            )
-        losses = train_sft(model, examples, policy.sft, pad_id=pad_id, on_step=reporter("SFT"))
+        losses = train_sft(
+            model, examples, policy.sft, pad_id=tokenizer.pad_token_id, on_step=on_step
+        )
     save_policy(model, tokenizer, out_dir)
-    expert_em = sum(exact_match(e.final_answer or "", e.example.golds) for e in sft_episodes)
+    expert_em = sum(exact_match(e.final_answer or "", e.example.golds) for e in episodes)
     return {
-        "episodes": len(sft_episodes),
+        "base": policy.base,
+        "episodes": len(episodes),
         "own_episodes": len(own),
-        "warmup_episodes": len(warmup),
-        "warmup_steps": len(warmup_losses),
-        "expert_em": expert_em / max(1, len(sft_episodes)),
+        "expert_em": expert_em / max(1, len(episodes)),
         "parameters": count_parameters(model),
         "vocab_size": len(tokenizer),
         "sft_steps": len(losses),
         "sft_loss_first": losses[0],
         "sft_loss_last": sum(losses[-10:]) / len(losses[-10:]),
     }
+
+
+def base_fingerprint(base: str) -> str:
+    """A short hash of the base model's weights, so a changed base invalidates the SFT stage."""
+    import hashlib
+
+    from tspo.models.loading import resolve_model_path
+
+    folder = Path(resolve_model_path(base))
+    digest = hashlib.sha256()
+    for weights in sorted(folder.glob("*.safetensors")):
+        digest.update(weights.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def ensure_policy(
@@ -285,7 +265,13 @@ def ensure_policy(
     console: Console,
 ) -> dict[str, Any]:
     """The SFT warm start (reused when world, policy settings and rollout limits are unchanged)."""
-    stage_fp = fingerprint(settings.world, settings.policy, settings.rl.topk, settings.rl.max_turns)
+    stage_fp = fingerprint(
+        settings.world,
+        settings.policy,
+        settings.rl.topk,
+        settings.rl.max_turns,
+        base_fingerprint(settings.policy.base),
+    )
     record = stage_record(paths.sft)
     if is_done(paths.sft, stage_fp) and record is not None:
         console.print(f"  reusing the SFT policy in {paths.sft}")
@@ -342,6 +328,11 @@ def rl_train_config(
             },
             "checkpoint": {"every": every, "keep_last": rl.steps // every + 1},
             "logging": {"progress": show_progress, "samples_per_step": 2},
+            "eval": {
+                "files": [str(paths.world / split_file("dev"))],
+                "every": rl.eval_every,
+                "max_examples": rl.eval_examples,
+            },
         },
         source="quickstart RL config",
     )
@@ -358,13 +349,25 @@ def eval_rollout_config(rl: RLStage) -> Any:
     )
 
 
-def test_examples(paths: RunPaths, max_examples: int | None) -> list[QAExample]:
-    """The held-out test questions (the first ``max_examples`` of them, a fixed subset)."""
+def held_out_examples(world_dir: Path, max_examples: int | None) -> list[QAExample]:
+    """A world's test questions (the first ``max_examples`` of them, a fixed subset)."""
     from tspo.data.qa import read_qa
     from tspo.data.world import split_file
 
-    examples = read_qa(paths.world / split_file("test"))
+    examples = read_qa(world_dir / split_file("test"))
     return examples[:max_examples] if max_examples else examples
+
+
+def ensure_transfer_world(
+    paths: RunPaths, settings: QuickstartSettings, console: Console
+) -> Retriever:
+    """A second world (seed + 1) with its BM25 index: names and facts the policy never saw."""
+    from dataclasses import replace
+
+    other = replace(settings, world=replace(settings.world, seed=settings.world.seed + 1))
+    transfer = RunPaths(paths.transfer)
+    ensure_world(transfer, other, console)
+    return ensure_index(transfer, other, console)
 
 
 def evaluate_folder(

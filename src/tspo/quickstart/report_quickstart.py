@@ -26,16 +26,24 @@ def write_plots(
     metrics: Sequence[Mapping[str, Any]],
     test_em: tuple[float, float],
     estimator: str,
+    validation: Sequence[Mapping[str, Any]] = (),
 ) -> dict[str, str]:
     """The three PNGs under ``paths.img``; returns their paths relative to the report."""
     last_step = int(metrics[-1]["step"]) if metrics else 0
+    points = {}
+    if validation:
+        points["dev EM (greedy)"] = (
+            [int(v["step"]) for v in validation],
+            [float(v["em"]) for v in validation],
+        )
+    points["test EM (held-out entities)"] = ([0, last_step], list(test_em))
     plot_step_metrics(
         metrics,
         ["reward_mean", "f1_mean"],
         paths.img / PLOTS["reward"],
-        title=f"Reward and EM while training ({estimator})",
+        title=f"Reward and greedy EM while training ({estimator})",
         ylabel="share of questions",
-        points={"test EM (held-out entities)": ([0, last_step], list(test_em))},
+        points=points,
     )
     plot_step_metrics(
         metrics,
@@ -68,12 +76,14 @@ def write_quickstart_report(
     before_records: Sequence[Mapping[str, Any]],
     after_records: Sequence[Mapping[str, Any]],
     facts: Mapping[str, Any],
+    validation: Sequence[Mapping[str, Any]] = (),
+    transfer: Mapping[str, Any] | None = None,
 ) -> Any:
     """Write ``report.md`` (and its plots) and return its path."""
     settings = facts["settings"]
     rl, policy = settings.rl, facts["policy"]
     em_before, em_after = before["overall"]["em"], after["overall"]["em"]
-    plots = write_plots(paths, metrics, (em_before, em_after), rl.estimator)
+    plots = write_plots(paths, metrics, (em_before, em_after), rl.estimator, validation)
     seconds = facts["seconds"]
     window = slice(0, min(5, len(metrics)))
     tail = slice(max(0, len(metrics) - 5), len(metrics))
@@ -89,6 +99,8 @@ def write_quickstart_report(
         f"**Test EM: {em_before:.3f} (SFT start) -> {em_after:.3f} (after RL), "
         f"{em_after - em_before:+.3f} absolute.**",
         "",
+        *_transfer_lines(transfer, settings.world.seed + 1),
+        *_validation_lines(validation),
         "## Before and after RL (test split, greedy decoding)",
         "",
         before_after_table(before, after),
@@ -153,6 +165,28 @@ def write_quickstart_report(
     ]
     atomic_write_text(paths.report, "\n".join(lines))
     return paths.report
+
+
+def _transfer_lines(transfer: Mapping[str, Any] | None, seed: int) -> list[str]:
+    if not transfer:
+        return []
+    before, after = transfer["sft"], transfer["final"]
+    return [
+        f"On another world (seed {seed}: other names, other facts, never trained on), test EM "
+        f"is {before['em']:.3f} (SFT start) -> {after['em']:.3f} (after RL) on "
+        f"{int(after['count'])} questions: the policy reads and copies instead of remembering.",
+        "",
+    ]
+
+
+def _validation_lines(validation: Sequence[Mapping[str, Any]]) -> list[str]:
+    if not validation:
+        return []
+    curve = ", ".join(f"{int(v['step'])}: {v['em']:.3f}" for v in validation)
+    return [
+        f"Greedy dev EM during RL ({int(validation[0]['count'])} dev questions), by step: {curve}.",
+        "",
+    ]
 
 
 def _json(value: Any) -> str:

@@ -12,11 +12,12 @@ from rich.console import Console
 from tspo.quickstart.pipeline import (
     ensure_index,
     ensure_policy,
+    ensure_transfer_world,
     ensure_world,
     evaluate_folder,
+    held_out_examples,
     rl_train_config,
     start_run,
-    test_examples,
 )
 from tspo.quickstart.settings import QuickstartSettings
 from tspo.utils import machine_info, peak_memory_mb, write_json
@@ -71,7 +72,7 @@ def run_quickstart(
     console.print(f"  {result.final_step} RL steps ({settings.rl.estimator}) -> {final_dir}")
 
     t = stage(4)
-    examples = test_examples(paths, settings.eval.max_examples)
+    examples = held_out_examples(paths.world, settings.eval.max_examples)
     evals = {}
     for name, folder in (("sft", paths.sft), ("final", final_dir)):
         evals[name] = evaluate_folder(
@@ -83,13 +84,33 @@ def run_quickstart(
             show_progress=show_progress,
         )
         console.print(f"  {name}: test EM {evals[name].overall['em']:.3f}")
-    seconds["eval"] = time.perf_counter() - t
     retriever.close()
+    transfer: dict[str, Any] = {}
+    if settings.eval.transfer:
+        other = ensure_transfer_world(paths, settings, Console(quiet=True))
+        other_examples = held_out_examples(paths.transfer / "world", settings.eval.max_examples)
+        for name, folder in (("sft", paths.sft), ("final", final_dir)):
+            transfer[name] = evaluate_folder(
+                Path(folder),
+                other,
+                other_examples,
+                settings,
+                paths.evals / f"transfer-{name}",
+                show_progress=show_progress,
+            ).overall
+        other.close()
+        console.print(
+            f"  another world (seed {settings.world.seed + 1}): test EM "
+            f"{transfer['sft']['em']:.3f} (SFT) -> {transfer['final']['em']:.3f} (after RL)"
+        )
+    seconds["eval"] = time.perf_counter() - t
 
     t = stage(5)
     from tspo.quickstart.report_quickstart import write_quickstart_report
 
     metrics = read_jsonl(paths.rl / "metrics.jsonl")
+    validation_file = paths.rl / "validation.jsonl"
+    validation = read_jsonl(validation_file) if validation_file.is_file() else []
     seconds["total"] = time.perf_counter() - started
     facts: dict[str, Any] = {
         "settings": settings,
@@ -108,6 +129,8 @@ def run_quickstart(
         before_records=[trajectory_record(tr) for tr in evals["sft"].trajectories],
         after_records=[trajectory_record(tr) for tr in evals["final"].trajectories],
         facts=facts,
+        validation=validation,
+        transfer=transfer,
     )
     write_json(
         paths.root / "summary.json",
@@ -117,6 +140,8 @@ def run_quickstart(
             "test_em_gain": evals["final"].overall["em"] - evals["sft"].overall["em"],
             "before": evals["sft"].scores,
             "after": evals["final"].scores,
+            "transfer": transfer,
+            "dev_em_curve": [(v["step"], v["em"]) for v in validation],
             **{k: v for k, v in facts.items() if k != "settings"},
         },
     )

@@ -9,19 +9,6 @@ from typing import Any
 
 from tspo.sft import SFTConfig
 
-# A small Qwen2-shaped model (~0.9M parameters with a 1k-token vocabulary), sized for a CPU. The
-# small vocabulary matters: names are sequences of syllable pieces that training names also use,
-# so the policy can copy names it never saw (a token never emitted in training cannot be copied;
-# see docs/results.md).
-QUICKSTART_MODEL: dict[str, Any] = {
-    "hidden_size": 128,
-    "num_hidden_layers": 4,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "intermediate_size": 384,
-    "max_position_embeddings": 2048,
-}
-
 
 @dataclass(frozen=True)
 class WorldStage:
@@ -33,18 +20,15 @@ class WorldStage:
 
 @dataclass(frozen=True)
 class PolicyStage:
-    """Tokenizer, model shape, the noisy expert and the SFT warm start."""
+    """The base model, the noisy expert and the SFT warm start."""
 
-    vocab_size: int = 1000
-    model_preset: str = "tiny"
-    model_overrides: dict[str, Any] = field(default_factory=lambda: dict(QUICKSTART_MODEL))
+    base: str = "tspo-tiny-base"  # a model folder or alias; the shipped base by default
     early_answer: float = 0.6  # the expert answers a hop early this often (see tspo.data.expert)
     wrong_query: float = 0.15
     recover: float = 0.5
     expert_passes: int = 1  # noisy expert episodes per training question
-    practice_worlds: int = 6  # extra worlds whose questions only feed SFT (see pipeline)
-    lm_episodes: int = 1600  # practice episodes for the full-loss warm-up (see train_policy)
-    sft: SFTConfig = field(default_factory=SFTConfig)
+    practice_worlds: int = 3  # extra worlds whose questions only feed SFT (see pipeline)
+    sft: SFTConfig = field(default_factory=lambda: SFTConfig(lr=1e-3))
     seed: int = 0
 
 
@@ -67,6 +51,8 @@ class RLStage:
     micro_batch_size: int = 16
     seed: int = 0
     checkpoint_every: int | None = None  # None: only the last step
+    eval_every: int = 10  # greedy EM on the dev split every N steps (the learning curve); 0: off
+    eval_examples: int | None = None  # None: the whole dev split
 
 
 @dataclass(frozen=True)
@@ -75,6 +61,7 @@ class EvalStage:
 
     max_examples: int | None = None  # None: the whole test split
     batch_size: int = 32
+    transfer: bool = True  # also evaluate on another world's test split (seed + 1): unseen names
 
 
 @dataclass(frozen=True)

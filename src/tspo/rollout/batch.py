@@ -33,6 +33,13 @@ class Trajectory:
     def num_searches(self) -> int:
         return sum(o is not None for o in self.observations)
 
+    @property
+    def num_invalid(self) -> int:
+        """Turns whose generation held neither a complete search nor a complete answer."""
+        from tspo.protocol import parse_action
+
+        return sum(parse_action(text).kind == "invalid" for text in self.generated)
+
 
 @dataclass
 class RolloutBatch:

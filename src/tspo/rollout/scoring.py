@@ -12,8 +12,8 @@ from tspo.rollout.batch import Trajectory
 def last_generated_answer(generated: Sequence[str]) -> str | None:
     """The last complete ``<answer>`` the model wrote, searching its turns from the last one.
 
-    Only the model's own text counts: the prompt shows an example answer, and the corrective
-    message the environment appends after an invalid action spells out ``<answer> and </answer>``.
+    Only the model's own text counts: the prompt shows an example answer, and neither the prompt
+    nor the environment's messages are the model's answer.
     """
     for text in reversed(generated):
         answer = extract_last_answer(text)

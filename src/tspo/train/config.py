@@ -214,7 +214,10 @@ class TrainSection(_Section):
         description="Recompute old log-probs with a forward pass instead of trusting the "
         "sampler's (exact ratios of 1 on the first update).",
     )
-    bf16: bool = Field(True, description="bf16 autocast on CUDA (ignored on CPU).")
+    bf16: bool | Literal["auto"] = Field(
+        "auto",
+        description="bf16 autocast, fp32 weights: auto = on CUDA and on CPUs with native bf16.",
+    )
     seed: int = Field(0, description="Seed for data order, sampling and initialisation.")
     output_dir: str = Field("runs/tspo", description="Metrics, samples and checkpoints go here.")
     resume: str | None = Field(
@@ -239,6 +242,19 @@ class LoggingConfig(_Section):
     progress: bool = Field(True, description="Show a progress bar with ETA.")
 
 
+class EvalSection(_Section):
+    """Validation during training: greedy EM/F1 on held-out questions every N steps."""
+
+    files: list[str] = Field(
+        default_factory=list, description="QA files (Search-R1 parquet or FlashRAG jsonl)."
+    )
+    every: int = Field(
+        0, ge=0, description="Validate every N steps, at step 0 and at the end; 0 = off."
+    )
+    max_examples: int | None = Field(None, gt=0, description="Use only the first N questions.")
+    batch_size: int = Field(32, ge=1, description="Questions per greedy rollout batch.")
+
+
 class TrainConfig(_Section):
     """A whole training run."""
 
@@ -251,6 +267,7 @@ class TrainConfig(_Section):
     train: TrainSection = Field(default_factory=TrainSection)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    eval: EvalSection = Field(default_factory=EvalSection)
 
     def to_yaml(self) -> str:
         """The config as YAML that :func:`load_config` reads back to an equal config."""
@@ -267,6 +284,11 @@ class TrainConfig(_Section):
                 "config field 'train.recompute_old_logprobs': must be true when "
                 "rollout.temperature is not 1 (the sampler records temperature-1 log-probs)"
             )
+        if self.eval.every and not self.eval.files:
+            raise TSPOError("config field 'eval.files': give the QA files to validate on")
+        for path in self.eval.files:
+            if not Path(path).is_file():
+                raise TSPOError(f"config field 'eval.files': no such file {path}")
         batch = self.train.prompts_per_step * self.rollout.group_size
         mini = self.train.mini_batch_size or batch
         if batch % mini:

