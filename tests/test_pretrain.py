@@ -1,0 +1,188 @@
+"""`tspo pretrain`: practice items, the packed stream, a miniature run, resume, the model card."""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+from dataclasses import replace
+
+import pytest
+import torch
+
+from tspo.data.world import generate_world
+from tspo.pretrain.items import (
+    GATE_WORLD_SEED,
+    PRACTICE_SEED_BASE,
+    PretrainMix,
+    items_for_world,
+    one_hop_items,
+    practice_seed,
+)
+from tspo.pretrain.loop import (
+    MODEL_DIR,
+    STATE_DIR,
+    PretrainConfig,
+    lr_factor,
+    parse_shape,
+    pretrain,
+    sha256_file,
+    weighted_lm_loss,
+)
+from tspo.pretrain.packing import PackedStream, StreamPosition
+from tspo.protocol import PROTOCOL_TAGS
+
+TINY_MIX = PretrainMix(world_size="tiny")
+
+
+def test_items_never_contain_protocol_tags_and_weight_only_answers():
+    world = generate_world(practice_seed(0), "tiny")
+    items = items_for_world(world, TINY_MIX, random.Random(0))
+    texts = ["".join(text for text, _ in item) for item in items]
+    assert not any(tag in text for text in texts for tag in PROTOCOL_TAGS)
+    reading = [item for item in items if len(item) == 2 and item[1][1] == TINY_MIX.answer_weight]
+    assert len(reading) == len(one_hop_items(world))
+    for prompt, answer in reading:
+        assert prompt[0].endswith("\nAnswer:") and answer[0].startswith(" ")
+        assert answer[0].strip() in prompt[0]  # the answer is in a shown document
+
+
+def test_item_mix_follows_the_shares():
+    world = generate_world(practice_seed(1), "small")
+    items = items_for_world(world, PretrainMix(), random.Random(1))
+    reading = sum(1 for item in items if item[-1][1] == PretrainMix().answer_weight)
+    assert reading / len(items) == pytest.approx(0.6, abs=0.01)
+
+
+def test_practice_seeds_are_disjoint_from_user_quickstart_and_gate_worlds():
+    from tspo.quickstart.pipeline import PRACTICE_SEED_BASE as SFT_PRACTICE_BASE
+
+    # SFT practice worlds use 1_000_000 + world_seed * 1000 + i: below 2_000_000 for seeds < 1000.
+    assert PRACTICE_SEED_BASE >= SFT_PRACTICE_BASE + 1000 * 1000
+    assert GATE_WORLD_SEED > practice_seed(900_000)
+
+
+def test_packed_stream_fills_rows_and_resumes_at_the_same_row(tiny_tokenizer):
+    stream = PackedStream(tiny_tokenizer, TINY_MIX, seq_len=128, batch_size=4)
+    first_ids, first_weights = stream.next_batch()
+    assert first_ids.shape == first_weights.shape == (4, 128)
+    padding = first_ids == tiny_tokenizer.pad_token_id
+    assert torch.all(first_weights[padding] == 0)
+    saved = StreamPosition(**vars(stream.position))
+    expected, _ = stream.next_batch()
+    resumed = PackedStream(tiny_tokenizer, TINY_MIX, seq_len=128, batch_size=4, position=saved)
+    assert torch.equal(resumed.next_batch()[0], expected)
+
+
+def test_weighted_loss_ignores_zero_weights_and_scales_answers():
+    logits = torch.randn(1, 4, 7)
+    ids = torch.tensor([[1, 2, 3, 4]])
+    base = weighted_lm_loss(logits, ids, torch.tensor([[0.0, 1.0, 1.0, 0.0]]))
+    per_token = torch.nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:], reduction="none")
+    assert base.item() == pytest.approx(per_token[:2].mean().item(), rel=1e-5)
+
+
+def test_shape_and_schedule():
+    assert parse_shape("128x4")["num_attention_heads"] == 4
+    config = PretrainConfig(steps=100, warmup_steps=10)
+    assert lr_factor(0, config) == pytest.approx(0.1)
+    assert lr_factor(100, config) == pytest.approx(config.min_lr_ratio)
+
+
+def test_bad_shape_is_one_line_and_exit_2(tmp_path):
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tspo.cli",
+            "pretrain",
+            "--out",
+            str(tmp_path / "r"),
+            "--shape",
+            "x",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2
+    assert done.stderr.strip().startswith("error: --shape") and "Traceback" not in done.stderr
+
+
+MINI = PretrainConfig(
+    steps=4,
+    shape="64x2",
+    batch_size=2,
+    seq_len=256,
+    warmup_steps=2,
+    eval_every=2,
+    eval_items=3,
+    final_eval_items=3,
+    checkpoint_every=2,
+    log_every=1,
+    tokenizer_worlds=1,
+    mix=TINY_MIX,
+)
+
+
+class _Stop(Exception):
+    pass
+
+
+def stop_at_three(step: int, total: int, loss: float) -> None:
+    if step == 3:
+        raise _Stop
+
+
+def test_miniature_pretrain_writes_a_loadable_base_with_its_card_and_resumes_exactly(tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    full = tmp_path / "full"
+    facts = pretrain(full, MINI, command="tspo pretrain --steps 4", threads=1, say=lambda _: None)
+    model_dir = full / MODEL_DIR
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    AutoTokenizer.from_pretrained(model_dir)
+    card = (model_dir / "README.md").read_text()
+    assert (
+        facts["sha256"] == sha256_file(model_dir / "model.safetensors") and facts["sha256"] in card
+    )
+    assert "tspo pretrain --steps 4" in card and "| steps | 4 " in card
+    assert set(json.loads((model_dir / "pretrain.json").read_text())["gates"]) >= {"copy"}
+    log = [json.loads(line) for line in (full / "log.jsonl").open()]
+    assert [r["step"] for r in log if "loss" in r] == [1, 2, 3, 4]
+
+    # Killed after step 3 (state saved at step 2), then run again: same final weights.
+    killed = tmp_path / "killed"
+    with pytest.raises(_Stop):
+        pretrain(killed, MINI, on_step=stop_at_three, say=lambda _: None)
+    assert json.loads((killed / STATE_DIR / "progress.json").read_text())["step"] == 2
+    said = []
+    pretrain(killed, MINI, say=said.append)
+    assert said == [f"resuming from step 2 ({killed / STATE_DIR})"]
+    resumed = AutoModelForCausalLM.from_pretrained(killed / MODEL_DIR)
+    for (name, a), (_, b) in zip(
+        model.state_dict().items(), resumed.state_dict().items(), strict=True
+    ):
+        assert torch.equal(a, b), name
+
+
+def test_finished_or_different_runs_are_refused(tmp_path):
+    from tspo.errors import TSPOError
+
+    out = tmp_path / "run"
+    with pytest.raises(_Stop):
+        pretrain(out, MINI, on_step=stop_at_three, say=lambda _: None)
+    with pytest.raises(TSPOError, match="other settings"):
+        pretrain(out, replace(MINI, lr=5e-4), say=lambda _: None)
+    pretrain(out, MINI, say=lambda _: None)
+    with pytest.raises(TSPOError, match="finished base"):
+        pretrain(out, MINI, say=lambda _: None)
+
+
+@pytest.fixture(scope="module")
+def tiny_tokenizer():
+    from tspo.models.tiny import train_tokenizer
+    from tspo.pretrain.items import tokenizer_corpus
+
+    return train_tokenizer(tokenizer_corpus(1, TINY_MIX), vocab_size=400)
