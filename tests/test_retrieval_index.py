@@ -107,7 +107,25 @@ def test_missing_file(index_dir):
 def test_garbage_array_with_matching_size(index_dir):
     path = index_dir / "bm25" / "indptr.csc.index.npy"
     path.write_bytes(b"\0" * path.stat().st_size)
+    with pytest.raises(TSPOError, match="damaged: bm25/indptr.csc.index.npy does not match"):
+        load_retriever(index_dir)
+    # A manifest from before hashes were recorded: the loader still refuses the array.
+    manifest = read_manifest(index_dir)
+    del manifest["sha256"]
+    (index_dir / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(TSPOError, match="unreadable"):
+        load_retriever(index_dir)
+
+
+def test_a_changed_document_of_the_same_size_is_caught_by_its_hash(index_dir):
+    path = index_dir / "documents.jsonl"
+    text = path.read_text()
+    assert "Paris" in text
+    path.write_text(text.replace("Paris", "Parix", 1))  # same size, still valid JSON
+    manifest = read_manifest(index_dir)
+    assert set(manifest["sha256"]) == set(manifest["files"])
+    assert path.stat().st_size == manifest["files"]["documents.jsonl"]
+    with pytest.raises(TSPOError, match="damaged: documents.jsonl does not match the SHA-256"):
         load_retriever(index_dir)
 
 
@@ -116,6 +134,7 @@ def test_documents_mismatching_the_index(index_dir, tmp_path):
     (index_dir / "documents.jsonl").write_bytes(other.read_bytes())
     manifest = read_manifest(index_dir)
     manifest["files"]["documents.jsonl"] = other.stat().st_size
+    manifest["sha256"]["documents.jsonl"] = file_sha256(other)
     (index_dir / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(TSPOError, match="covers 20 documents but the document table has 3"):
         load_retriever(index_dir)

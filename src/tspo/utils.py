@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
@@ -23,6 +24,15 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def set_seed(seed: int) -> None:
@@ -50,6 +60,7 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    fsync_directory(path.parent)
 
 
 @contextmanager
@@ -57,7 +68,9 @@ def atomic_directory(target: str | Path, *, staging_prefix: str | None = None) -
     """Fill a hidden staging folder beside ``target``; on success it replaces ``target``.
 
     The rename is the commit: a process killed inside the ``with`` block leaves ``target`` as it
-    was (plus a stray staging folder named ``staging_prefix…``, ``.<name>.…`` by default).
+    was (plus a stray staging folder named ``staging_prefix…``, ``.<name>.…`` by default). Every
+    file and folder of the staging folder is fsynced before the rename, and the parent folder
+    after it, so after a power cut ``target`` is either the old folder or the whole new one.
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -65,12 +78,43 @@ def atomic_directory(target: str | Path, *, staging_prefix: str | None = None) -
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=prefix))
     try:
         yield staging
+        fsync_tree(staging)
         if target.exists():
-            shutil.rmtree(target)
-        staging.rename(target)
+            old = Path(tempfile.mkdtemp(dir=target.parent, prefix=f"{prefix}old-"))
+            target.rename(old / target.name)
+            staging.rename(target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            staging.rename(target)
+        fsync_directory(target.parent)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def fsync_directory(folder: str | Path) -> None:
+    """Flush a folder's entries (new names, renames) to disk."""
+    fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(folder: str | Path) -> None:
+    """Flush every file under ``folder`` to disk, then every folder (deepest first)."""
+    folder = Path(folder)
+    folders = [folder]
+    for path in sorted(folder.rglob("*")):
+        if path.is_symlink():
+            continue
+        if path.is_dir():
+            folders.append(path)
+        elif path.is_file():
+            with open(path, "rb") as handle:
+                os.fsync(handle.fileno())
+    for path in sorted(folders, key=lambda p: len(p.parts), reverse=True):
+        fsync_directory(path)
 
 
 def _current_umask() -> int:

@@ -2,12 +2,12 @@
 
 An index folder holds the backend's files, ``documents.jsonl`` and ``manifest.json``. The build
 writes into a hidden sibling folder and renames it into place at the end, and the manifest (written
-last) lists every file with its size, so a half-written or tampered folder is refused on load.
+last) lists every file with its size and SHA-256, so a half-written, damaged or tampered folder is
+refused on load, even when the damage keeps a file's size.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import time
@@ -17,21 +17,12 @@ from typing import Any
 from tspo.errors import TSPOError
 from tspo.retrieval.base import Retriever
 from tspo.retrieval.dense import ChunkCallback, DenseBuildOptions
-from tspo.utils import progress_bar, write_json
+from tspo.utils import file_sha256, fsync_tree, progress_bar, write_json
 
 FORMAT_VERSION = 1
 KINDS = ("bm25", "dense")
 MANIFEST_FILE = "manifest.json"
 EMBEDDINGS_DIR = "embeddings"
-
-
-def file_sha256(path: str | Path) -> str:
-    """Hex SHA-256 of a file, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _partial_dir(out_dir: Path) -> Path:
@@ -50,12 +41,20 @@ def _prepare_partial(partial: Path) -> None:
             entry.unlink()
 
 
+def _index_files(folder: Path) -> list[Path]:
+    return [
+        path for path in sorted(folder.rglob("*")) if path.is_file() and path.name != MANIFEST_FILE
+    ]
+
+
 def _file_sizes(folder: Path) -> dict[str, int]:
     return {
-        path.relative_to(folder).as_posix(): path.stat().st_size
-        for path in sorted(folder.rglob("*"))
-        if path.is_file() and path.name != MANIFEST_FILE
+        path.relative_to(folder).as_posix(): path.stat().st_size for path in _index_files(folder)
     }
+
+
+def _file_hashes(folder: Path) -> dict[str, str]:
+    return {path.relative_to(folder).as_posix(): file_sha256(path) for path in _index_files(folder)}
 
 
 def _swap_into_place(partial: Path, out_dir: Path) -> None:
@@ -157,8 +156,10 @@ def build_index(
             "options": options,
             "build_seconds": round(time.perf_counter() - started, 3),
             "files": _file_sizes(partial),
+            "sha256": _file_hashes(partial),
         }
         write_json(partial / MANIFEST_FILE, manifest)
+        fsync_tree(partial)
         _swap_into_place(partial, out_dir)
         progress.update(step, completed=1)
     return out_dir
@@ -197,8 +198,14 @@ def read_manifest(index_dir: str | Path) -> dict[str, Any]:
 
 
 def check_files(index_dir: str | Path, manifest: dict[str, Any]) -> None:
-    """Every file the manifest lists is present with its recorded size."""
+    """Every file the manifest lists is present with its recorded size and SHA-256.
+
+    Manifests written before hashes were recorded (no ``sha256`` key) are checked by size only.
+    """
     index_dir = Path(index_dir)
+    hashes = manifest.get("sha256")
+    if hashes is not None and not isinstance(hashes, dict):
+        raise TSPOError(f"{index_dir / MANIFEST_FILE} is corrupt: 'sha256' is not an object")
     for name, size in manifest["files"].items():
         path = index_dir / name
         if not path.is_file():
@@ -207,6 +214,10 @@ def check_files(index_dir: str | Path, manifest: dict[str, Any]) -> None:
             raise TSPOError(
                 f"index {index_dir} is damaged: {name} has {path.stat().st_size} bytes, "
                 f"the manifest says {size}"
+            )
+        if hashes is not None and file_sha256(path) != hashes.get(name):
+            raise TSPOError(
+                f"index {index_dir} is damaged: {name} does not match the SHA-256 in its manifest"
             )
 
 
