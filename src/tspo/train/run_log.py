@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from tspo.errors import TSPOError
 from tspo.rollout.batch import RolloutBatch
 
 METRICS_FILE = "metrics.jsonl"
@@ -116,10 +117,13 @@ class RunLog:
 
     @staticmethod
     def _append(path: Path, records: list[dict[str, Any]]) -> None:
-        with path.open("a", encoding="utf-8") as handle:
-            for record in records:
-                handle.write(json.dumps(_json_safe(record)) + "\n")
-            handle.flush()
+        text = "".join(json.dumps(_json_safe(record)) + "\n" for record in records)
+        try:
+            with path.open("a", encoding="utf-8") as handle:
+                handle.write(text)
+                handle.flush()
+        except OSError as err:
+            raise TSPOError(f"cannot append to {path}: {err.strerror or err}") from None
 
     def log_step(self, metrics: dict[str, Any], samples: list[dict[str, Any]]) -> None:
         self._append(self.metrics_path, [metrics])
