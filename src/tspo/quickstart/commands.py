@@ -63,6 +63,9 @@ def sft(
         PolicyStage.base, "--base", help="Base model folder or alias (the shipped tiny base)."
     ),
     seed: int = typer.Option(0, "--seed", help="Seed for the expert and SFT."),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Replace OUT when it already holds files."
+    ),
 ) -> None:
     """Warm-start a search policy from a base model on the world's noisy scripted-expert episodes.
 
@@ -76,6 +79,10 @@ def sft(
     from tspo.quickstart.pipeline import train_policy
     from tspo.train.components import open_retriever
 
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        from tspo.errors import TSPOError
+
+        raise TSPOError(f"{out} already exists and is not empty; pass --overwrite to replace it")
     loaded = load_world(world_dir)
     retriever = open_retriever(
         index=str(index) if index else None,

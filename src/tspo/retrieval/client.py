@@ -45,14 +45,21 @@ def _retry_after(response: httpx.Response) -> float | None:
     return max(0.0, seconds) if math.isfinite(seconds) else None
 
 
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split()) or type(err).__name__
+
+
 def _error_message(response: httpx.Response) -> str:
+    """The server's error message, on one line, at most 200 characters."""
     try:
         payload = response.json()
     except ValueError:
-        return response.text[:200]
-    if isinstance(payload, dict):
-        return str(payload.get("error") or payload.get("detail") or payload)[:200]
-    return str(payload)[:200]
+        text = response.text
+    else:
+        if isinstance(payload, dict):
+            payload = payload.get("error") or payload.get("detail") or payload
+        text = str(payload)
+    return " ".join(text.split())[:200]
 
 
 def parse_item(item: Any) -> Hit:
@@ -131,6 +138,55 @@ class HttpRetriever(Retriever):
     def close(self) -> None:
         self._client.close()
 
+    def check(self) -> None:
+        """Fail fast, before any expensive work, when the server is unreachable or refuses us.
+
+        ``GET /health`` is retried like a search (connection errors, timeouts, 5xx, 429); a server
+        without ``/health`` (404, 405, 501: Search-R1's) is fine. Then one authenticated
+        ``POST /retrieve`` with no queries checks the token without searching: 401 or 403 is a
+        bad or missing token, 404 or 405 means no retriever at this URL. Anything else (our
+        server's 422 for the empty list, a 200) passes. Raises a one-line :class:`TSPOError`.
+        """
+        attempts = self.retries + 1
+        last_problem = ""
+        retry_after: float | None = None
+        for attempt in range(attempts):
+            if attempt:
+                time.sleep(self.backoff_seconds(attempt, retry_after))
+            retry_after = None
+            try:
+                response = self._client.get(self.health_url)
+            except httpx.TransportError as err:
+                last_problem = f"{type(err).__name__}: {_one_line(err)}"
+                continue
+            if response.status_code in (404, 405, 501) or response.status_code < 400:
+                break
+            last_problem = f"HTTP {response.status_code}: {_error_message(response)}"
+            retry_after = _retry_after(response)
+            if response.status_code < 500 and response.status_code != 429:
+                break
+        else:
+            raise TSPOError(
+                f"retriever at {self.health_url} failed after {attempts} attempts; "
+                f"last error: {last_problem}"
+            )
+        try:
+            response = self._client.post(self.url, json={"queries": [], "topk": 1})
+        except httpx.TransportError as err:
+            raise TSPOError(
+                f"retriever at {self.url} failed: {type(err).__name__}: {_one_line(err)}"
+            ) from None
+        status = response.status_code
+        if status in (401, 403):
+            raise TSPOError(
+                f"retriever at {self.url} refused the token (HTTP {status}): "
+                f"{_error_message(response)}; set retriever.token or ${TOKEN_ENV}"
+            )
+        if status in (404, 405):
+            raise TSPOError(
+                f"no retriever at {self.url} (HTTP {status} for POST /retrieve); check the URL"
+            )
+
     def search(self, queries: list[str], topk: int = 3) -> list[list[Hit]]:
         results: list[list[Hit]] = []
         while len(results) < len(queries):
@@ -200,7 +256,7 @@ class HttpRetriever(Retriever):
             try:
                 response = self._client.post(self.url, json=body)
             except httpx.TransportError as err:
-                last_problem = f"{type(err).__name__}: {err}"
+                last_problem = f"{type(err).__name__}: {_one_line(err)}"
                 continue
             status = response.status_code
             if status >= 500 or status == 429:

@@ -39,13 +39,23 @@ def open_retriever(
     timeout: float = 30.0,
     retries: int = 3,
 ) -> Retriever:
-    """A retriever from an index folder, a server URL, or a corpus file (BM25 built in memory)."""
+    """A retriever from an index folder, a server URL, or a corpus file (BM25 built in memory).
+
+    A server is checked at once (``HttpRetriever.check``: reachable, token accepted), so a wrong
+    URL or token fails in seconds with one line, before any model is loaded.
+    """
     if sum(bool(source) for source in (index, url, corpus)) != 1:
         raise TSPOError("give exactly one retriever: an index folder, a server URL or a corpus")
     if url:
         from tspo.retrieval.client import HttpRetriever
 
-        return HttpRetriever(url, token=token, timeout=timeout, retries=retries)
+        remote = HttpRetriever(url, token=token, timeout=timeout, retries=retries)
+        try:
+            remote.check()
+        except BaseException:
+            remote.close()
+            raise
+        return remote
     if index:
         from tspo.retrieval.index import load_retriever
 

@@ -223,6 +223,12 @@ class TrainSection(_Section):
     resume: str | None = Field(
         None, description="'auto' (newest complete checkpoint in output_dir) or a checkpoint path."
     )
+    max_skipped_steps: int = Field(
+        3,
+        ge=1,
+        description="Stop the run after this many steps in a row whose optimizer update was "
+        "skipped (non-finite loss or gradient norm).",
+    )
 
 
 class CheckpointConfig(_Section):

@@ -32,6 +32,12 @@ from tspo.train.components import (
 )
 from tspo.train.config import TrainConfig
 from tspo.train.forward import UpdateBatch, autocast_context, batch_logprobs
+from tspo.train.guards import (
+    SkippedSteps,
+    check_advantages,
+    config_yaml_for_disk,
+    refuse_existing_run,
+)
 from tspo.train.optim import build_optimizer, build_scheduler
 from tspo.train.run_log import RunLog, rollout_statistics, trajectory_samples
 from tspo.train.sampler import PromptSampler
@@ -91,15 +97,18 @@ def train(config: TrainConfig) -> TrainResult:
     config.check_runnable()
     output_dir = Path(config.train.output_dir)
     checkpoint_root = output_dir / CHECKPOINT_DIR
+    refuse_existing_run(output_dir, checkpoint_root, config.train.resume)
     resume_from = resolve_resume(config.train.resume, checkpoint_root)
     set_seed(config.train.seed)
 
     run, start_step = _build_run(config, resume_from)
     output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "config.yaml").write_text(config.to_yaml(), encoding="utf-8")
+    config_yaml = config_yaml_for_disk(config)  # without the retriever token
+    (output_dir / "config.yaml").write_text(config_yaml, encoding="utf-8")
     log = RunLog(output_dir, tensorboard=config.logging.tensorboard, resume_step=start_step)
     result = TrainResult(output_dir, start_step, resume_from)
     validation = _validation_examples(config)
+    skipped = SkippedSteps(config.train.max_skipped_steps)
 
     try:
         if validation and start_step == 0:
@@ -109,6 +118,7 @@ def train(config: TrainConfig) -> TrainResult:
             for step in range(start_step + 1, config.train.steps + 1):
                 metrics, samples = run_step(run, step)
                 log.log_step(metrics, samples)
+                skipped.after_step(step, metrics, run.policy.model)
                 if validation and (step % config.eval.every == 0 or step == config.train.steps):
                     log.log_validation(validate(run, validation, step))
                 result.metrics.append(metrics)
@@ -119,7 +129,7 @@ def train(config: TrainConfig) -> TrainResult:
                         model=run.policy.model,
                         tokenizer=run.policy.tokenizer,
                         state=run.trainer_state(step),
-                        config_yaml=config.to_yaml(),
+                        config_yaml=config_yaml,
                         keep_last=config.checkpoint.keep_last,
                     )
                 progress.update(
@@ -174,9 +184,9 @@ def _build_run(config: TrainConfig, resume_from: Path | None) -> tuple[_Run, int
     from tspo.rollout import RolloutEngine
 
     seed = config.train.seed
+    retriever = retriever_from_config(config.retriever)  # first: a dead server fails in seconds
     policy = build_policy(config.model, kl_coef=config.algo.kl_coef, weights_from=resume_from)
     optimizer = build_optimizer(policy.model, config.optim)
-    retriever = retriever_from_config(config.retriever)
     engine = RolloutEngine(
         policy.model,
         policy.tokenizer,
@@ -235,6 +245,7 @@ def run_step(run: _Run, step: int) -> tuple[dict[str, Any], list[dict[str, Any]]
         group_ids=rollout.group_ids,
         **config.algo.advantage_options(),
     )
+    check_advantages(advantages, step, config.algo.estimator)
     batch = UpdateBatch(
         prompt_ids=rollout.prompt_ids,
         prompt_mask=rollout.prompt_mask,
