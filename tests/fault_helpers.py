@@ -69,7 +69,7 @@ class ServeProcess:
         self.process = subprocess.Popen(
             command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=dict(os.environ)
         )
-        wait_for_health(self.url, self.process, timeout=60)
+        wait_for_health(self.url, self.process, timeout=120)  # a loaded 2-core machine
         return self
 
     def kill9(self) -> None:

@@ -231,7 +231,7 @@ def test_killing_the_retriever_mid_run_stops_cleanly_and_resumes_exactly(
             r"last error: \w+Error: .+",
             err[0],
         ), err
-        assert seconds < 30, seconds
+        assert seconds < 60, seconds  # retries=2, timeout=2: ~2 s on a quiet machine
 
         assert [m["step"] for m in read_jsonl(out / "metrics.jsonl")] == [1, 2]
         root = out / CHECKPOINT_DIR
@@ -282,7 +282,7 @@ def test_no_server_at_the_url_fails_before_the_model_loads(
         r"last error: ConnectError: .+",
         err[0],
     ), err
-    assert seconds < 20, seconds
+    assert seconds < 60, seconds  # ~2 s on a quiet machine
     assert not out.exists()
 
 
