@@ -28,18 +28,19 @@ def test_steps_to_reach_is_the_first_step_at_or_above_target():
 
 def test_summary_table_reports_final_em_and_steps_to_grpo_final():
     results = [
-        {"estimator": "grpo", "seed": s, "test_em": [(0, 0.2), (10, 0.3), (20, 0.4)]}
+        {"estimator": "grpo", "seed": s, "dev_em": [(0, 0.2), (10, 0.3), (20, 0.4)]}
         for s in range(2)
     ] + [
-        {"estimator": "tspo", "seed": 0, "test_em": [(0, 0.2), (10, 0.4), (20, 0.5)]},
-        {"estimator": "tspo", "seed": 1, "test_em": [(0, 0.2), (10, 0.4), (20, 0.3)]},
+        {"estimator": "tspo", "seed": 0, "dev_em": [(0, 0.2), (10, 0.4), (20, 0.5)]},
+        {"estimator": "tspo", "seed": 1, "dev_em": [(0, 0.2), (10, 0.4), (20, 0.3)]},
     ]
-    for r in results:
+    for r, test_em in zip(results, (0.3, 0.3, 0.5, 0.3), strict=True):
+        r["test_em_final"] = test_em
         for key, *_ in COMPARE_PLOTS:
-            r.setdefault(key, [(1, 0.0)])
-    table = summary_table(aggregate(results, ["grpo", "tspo"]))
-    assert "| grpo | 0.400 ± 0.000 | 20 |" in table
-    assert "| tspo | 0.400 ± 0.100 | 10 |" in table
+            r.setdefault(key, [(1, 0.5)])
+    table = summary_table(aggregate(results, ["grpo", "tspo"]), results)
+    assert "| grpo | 0.300 ± 0.000 | 0.400 ± 0.000 | 20 | 0.500 | 0.500 | 0.500 |" in table
+    assert "| tspo | 0.400 ± 0.100 | 0.400 ± 0.100 | 10 |" in table
 
 
 def test_miniature_compare_runs_end_to_end(tmp_path):
@@ -57,7 +58,8 @@ def test_miniature_compare_runs_end_to_end(tmp_path):
     for _, filename, *_ in COMPARE_PLOTS:
         assert (tmp_path / "img" / filename).read_bytes()[:4] == b"\x89PNG"
     record = json.loads((tmp_path / "runs/tspo-seed0/stage.json").read_text())
-    assert [step for step, _ in record["result"]["test_em"]] == [0, 1, 2]
+    assert [step for step, _ in record["result"]["dev_em"]] == [0, 1, 2]
+    assert 0.0 <= record["result"]["test_em_final"] <= 1.0
     # A rerun reuses every finished run instead of training again.
     console = Console(record=True, width=160)
     run_compare(

@@ -53,6 +53,7 @@ def test_scores_per_source_and_overall() -> None:
     assert list(scores) == ["nq", "hotpotqa", OVERALL]
     assert scores["nq"] == {
         "count": 2, "em": 0.5, "f1": 0.75, "turns": 3.0, "searches": 2.0, "answered": 1.0,
+        "invalid_rate": 1.0,  # "turn" holds no action
     }  # fmt: skip
     assert scores["hotpotqa"]["answered"] == 0.0 and scores["hotpotqa"]["turns"] == 1.0
     assert scores[OVERALL]["em"] == pytest.approx(1 / 3)
@@ -61,6 +62,14 @@ def test_scores_per_source_and_overall() -> None:
     assert table[0].startswith("| data source | questions | EM | F1 |")
     assert table[2] == "| nq | 2 | 0.500 | 0.750 | 3.00 | 2.00 | 1.000 |"
     assert table[-1].startswith("| **overall** | 3 | 0.333 | 0.500 |")
+
+
+def test_invalid_rate_is_the_share_of_turns_without_a_complete_action() -> None:
+    valid = trajectory("nq", 1.0, 1.0, searches=1)
+    valid.generated = ["<search> q </search>", "<answer> x </answer>"]
+    mixed = trajectory("nq", 0.0, 0.0, searches=1)
+    mixed.generated = ["<answer> x </search>", "<answer> x </answer>"]
+    assert scores_by_source([valid, mixed])[OVERALL]["invalid_rate"] == pytest.approx(0.25)
 
 
 def write_search_r1_test_set(path: Path, source: str, facts: list[tuple]) -> Path:

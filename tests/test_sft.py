@@ -10,7 +10,6 @@ from tspo.data.expert import ExpertNoise, run_expert
 from tspo.data.world import generate_world, iter_world_text, qa_examples
 from tspo.models.tiny import build_tiny_model, train_tokenizer
 from tspo.protocol import INFO_CLOSE, INFO_OPEN, PROMPT_TEMPLATE
-from tspo.quickstart.pipeline import tokenizer_texts
 from tspo.retrieval.bm25 import BM25Retriever
 from tspo.sft import SFTConfig, collate, encode_episode, masked_lm_loss, save_policy, train_sft
 
@@ -40,7 +39,9 @@ def episodes(world):
 
 @pytest.fixture(scope="module")
 def tokenizer(world, episodes):
-    return train_tokenizer(tokenizer_texts([world], episodes), vocab_size=600)
+    texts = [*iter_world_text(world), *[PROMPT_TEMPLATE] * 50]
+    texts += [turn for episode in episodes for turn in episode.generated]
+    return train_tokenizer(texts, vocab_size=600)
 
 
 def test_tokenizer_round_trips_world_text(world, tokenizer):
@@ -153,7 +154,7 @@ def test_sft_cli_saves_a_checkpoint_auto_classes_load(tmp_path):
     result = runner.invoke(
         app,
         ["sft", "--world", str(world_dir), "--out", str(out), "--practice-worlds", "0"]
-        + ["--vocab-size", "500", "--epochs", "1"],
+        + ["--epochs", "1"],
     )
     assert result.exit_code == 0, result.output
     model = AutoModelForCausalLM.from_pretrained(out)

@@ -1,15 +1,14 @@
 """`tspo compare`: several advantage estimators x seeds from one SFT start, on one world.
 
-Every run trains with the quickstart's RL settings and saves a checkpoint every ``eval_every``
-steps; each checkpoint is then evaluated greedily on a fixed subset of the test split. The report
-gives mean ± std over seeds of test EM, reward std within groups, zero-signal groups and near-miss
-rate against step, and a table of final test EM and of the steps each estimator needs to reach
-GRPO's final EM.
+Every run trains with the quickstart's RL settings and validates greedily on the dev split every
+``eval_every`` steps (and at step 0); its final policy is then evaluated greedily on the test
+split. The report gives mean ± std over seeds of dev EM, reward std within groups, zero-signal
+groups and near-miss rate against step, and a table of final test and dev EM and of the steps each
+estimator needs to reach GRPO's final dev EM.
 """
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from dataclasses import replace
@@ -38,7 +37,7 @@ from tspo.utils import atomic_write_text, machine_info
 
 # (metrics.jsonl key or "test_em", plot file, title, y label)
 COMPARE_PLOTS = (
-    ("test_em", "compare-test-em.png", "Test EM (held-out entities, greedy)", "EM"),
+    ("dev_em", "compare-dev-em.png", "Dev EM during RL (held-out entities, greedy)", "EM"),
     (
         "mean_group_reward_std",
         "compare-reward-std.png",
@@ -61,16 +60,15 @@ def _run_one(
     estimator: str,
     seed: int,
     eval_every: int,
-    sft_em: float,
     retriever: Any,
     examples: list[Any],
     console: Console,
 ) -> dict[str, Any]:
-    """Train one (estimator, seed) run and evaluate its checkpoints; cached in ``result.json``."""
-    from tspo.train.checkpoint import list_checkpoints
+    """Train one (estimator, seed) run, validating as it goes, then evaluate its final policy on
+    the test split; the result is cached in the run's ``stage.json``."""
     from tspo.train.loop import CHECKPOINT_DIR, train
 
-    rl = replace(settings.rl, estimator=estimator, seed=seed, checkpoint_every=eval_every)
+    rl = replace(settings.rl, estimator=estimator, seed=seed, eval_every=eval_every)
     run_dir = paths.root / "runs" / f"{estimator}-seed{seed}"
     stage_fp = fingerprint(settings, rl, eval_every, len(examples))
     record = stage_record(run_dir)
@@ -80,20 +78,24 @@ def _run_one(
     if run_dir.exists():
         shutil.rmtree(run_dir)
     console.print(f"  [bold]{estimator}[/bold], seed {seed}")
-    train(rl_train_config(paths, rl, output_dir=run_dir))
-    test_em = [(0, sft_em)]
-    for checkpoint in list_checkpoints(run_dir / CHECKPOINT_DIR):
-        step = int(json.loads((checkpoint / "tspo_state.json").read_text())["step"])
-        result = evaluate_folder(
-            checkpoint, retriever, examples, settings, run_dir / "eval" / checkpoint.name
-        )
-        test_em.append((step, result.overall["em"]))
+    trained = train(rl_train_config(paths, rl, output_dir=run_dir, show_progress=False))
+    final = evaluate_folder(
+        Path(str(trained.last_checkpoint)),
+        retriever,
+        examples,
+        settings,
+        run_dir / "eval" / "final",
+        show_progress=False,
+    )
     metrics = read_jsonl(run_dir / "metrics.jsonl")
-    keys = [key for key, *_ in COMPARE_PLOTS if key != "test_em"]
+    validation = read_jsonl(run_dir / "validation.jsonl")
+    keys = [key for key, *_ in COMPARE_PLOTS if key != "dev_em"]
     result = {
         "estimator": estimator,
         "seed": seed,
-        "test_em": test_em,
+        "dev_em": [(int(v["step"]), float(v["em"])) for v in validation],
+        "test_em_final": final.overall["em"],
+        "test_answered_final": final.overall["answered"],
         **{key: [(int(m["step"]), float(m[key])) for m in metrics] for key in keys},
     }
     shutil.rmtree(run_dir / CHECKPOINT_DIR, ignore_errors=True)  # evaluated; weights not needed
@@ -126,9 +128,9 @@ def run_compare(
     if is_done(sft_eval_dir, sft_fp):
         sft_em = stage_record(sft_eval_dir)["em"]  # type: ignore[index]
     else:
-        sft_em = evaluate_folder(paths.sft, retriever, examples, settings, sft_eval_dir).overall[
-            "em"
-        ]
+        sft_em = evaluate_folder(
+            paths.sft, retriever, examples, settings, sft_eval_dir, show_progress=False
+        ).overall["em"]
         mark_done(sft_eval_dir, sft_fp, em=sft_em)
     console.print(f"  SFT start: test EM {sft_em:.3f} on {len(examples)} test questions")
 
@@ -143,7 +145,6 @@ def run_compare(
                     estimator,
                     seed,
                     eval_every,
-                    sft_em,
                     retriever,
                     examples,
                     console,
@@ -154,6 +155,7 @@ def run_compare(
         paths,
         results,
         estimators,
+        sft_em=sft_em,
         settings=settings,
         seeds=seeds,
         eval_every=eval_every,
@@ -175,20 +177,39 @@ def aggregate(results: list[dict[str, Any]], estimators: list[str]) -> dict[str,
     }
 
 
-def summary_table(curves: dict[str, dict[str, Curve]], baseline: str = "grpo") -> str:
-    """Final test EM (mean ± std) and the first evaluated step reaching the baseline's final EM."""
-    target = curves[baseline]["test_em"].mean[-1] if baseline in curves else None
+def final_test_em(results: list[dict[str, Any]], estimator: str) -> tuple[float, float]:
+    """Mean and std over seeds of an estimator's final test EM."""
+    values = [r["test_em_final"] for r in results if r["estimator"] == estimator]
+    mean = sum(values) / len(values)
+    return mean, (sum((v - mean) ** 2 for v in values) / len(values)) ** 0.5
+
+
+def summary_table(
+    curves: dict[str, dict[str, Curve]], results: list[dict[str, Any]], baseline: str = "grpo"
+) -> str:
+    """Final test EM and dev EM (mean ± std over seeds), the first validated step at which the
+    dev EM reaches the baseline's final dev EM, and mean diagnostics over training."""
+    target = curves[baseline]["dev_em"].mean[-1] if baseline in curves else None
     lines = [
-        f"| estimator | final test EM (mean ± std) | steps to reach {baseline}'s final EM |",
-        "|---|---:|---:|",
+        "| estimator | final test EM | final dev EM | steps to reach "
+        f"{baseline}'s final dev EM | reward std in groups | zero-signal groups | near misses |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for estimator, by_key in curves.items():
-        curve = by_key["test_em"]
+        curve = by_key["dev_em"]
         if not curve.steps:
             continue
         reached = steps_to_reach(curve, target) if target is not None else None
         reach = "n/a" if target is None else ("not reached" if reached is None else str(reached))
-        lines.append(f"| {estimator} | {fmt(curve.mean[-1])} ± {fmt(curve.std[-1])} | {reach} |")
+        test_mean, test_std = final_test_em(results, estimator)
+        means = [
+            sum(by_key[key].mean) / max(1, len(by_key[key].mean))
+            for key in ("mean_group_reward_std", "zero_signal_groups", "near_miss_rate")
+        ]
+        lines.append(
+            f"| {estimator} | {fmt(test_mean)} ± {fmt(test_std)} | {fmt(curve.mean[-1])} ± "
+            f"{fmt(curve.std[-1])} | {reach} | " + " | ".join(fmt(m) for m in means) + " |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -197,6 +218,7 @@ def write_compare_report(
     results: list[dict[str, Any]],
     estimators: list[str],
     *,
+    sft_em: float,
     settings: QuickstartSettings,
     seeds: int,
     eval_every: int,
@@ -220,11 +242,13 @@ def write_compare_report(
         "",
         f"Estimators {', '.join(f'`{e}`' for e in estimators)}, {seeds} RL seeds each, all from "
         f"the same SFT start on the same world (seed {settings.world.seed}, size "
-        f"`{settings.world.size}`). Test EM is greedy, on a fixed subset of {eval_examples} "
-        f"held-out test questions, every {eval_every} steps; the other curves are training "
-        "diagnostics of every step. Bands are ±1 std over seeds.",
+        f"`{settings.world.size}`). Dev EM is greedy, on the dev split (held-out entities), every "
+        f"{eval_every} steps; final test EM is greedy on {eval_examples} held-out test questions "
+        f"(SFT start: {sft_em:.3f}). The other curves are training diagnostics of every step; "
+        "the table's last three columns are their means over training. Bands are ±1 std over "
+        "seeds.",
         "",
-        summary_table(curves),
+        summary_table(curves, results),
         *sections,
         f"RL: {rl.steps} steps x {rl.prompts_per_step} questions x group {rl.group_size}, lr "
         f"{rl.lr}, KL {rl.kl_coef}, alpha {rl.alpha}, top-{rl.topk}, {rl.max_turns} turns. Took "
