@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -93,10 +94,20 @@ def atomic_directory(target: str | Path, *, staging_prefix: str | None = None) -
 
 
 def fsync_directory(folder: str | Path) -> None:
-    """Flush a folder's entries (new names, renames) to disk."""
-    fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    """Flush a folder's entries (new names, renames) to disk.
+
+    Skipped where folders cannot be opened or synced (Windows, some network file systems); a
+    failing disk (EIO, ENOSPC) still raises.
+    """
+    try:
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except PermissionError:
+        return
     try:
         os.fsync(fd)
+    except OSError as err:
+        if err.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
+            raise
     finally:
         os.close(fd)
 
