@@ -8,8 +8,16 @@ import pytest
 from quickstart_helpers import mini_settings
 from rich.console import Console
 
-from tspo.quickstart.pipeline import RunPaths, ensure_index, ensure_policy, ensure_world
+from tspo.quickstart.pipeline import (
+    RunPaths,
+    base_fingerprint,
+    ensure_index,
+    ensure_policy,
+    ensure_world,
+    rl_train_config,
+)
 from tspo.quickstart.run import run_quickstart
+from tspo.quickstart.settings import QuickstartSettings
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -78,7 +86,13 @@ def test_rerun_reuses_world_index_and_sft(finished_run):
 
     assert not is_done(
         paths.sft,
-        fingerprint(changed.world, changed.policy, changed.rl.topk, changed.rl.max_turns),
+        fingerprint(
+            changed.world,
+            changed.policy,
+            changed.rl.topk,
+            changed.rl.max_turns,
+            base_fingerprint(changed.policy.base),
+        ),
     )
 
 
@@ -91,3 +105,40 @@ def test_cli_help_lists_the_commands():
         result = CliRunner().invoke(app, command)
         assert result.exit_code == 0, result.output
         assert "--out" in result.output
+
+
+def _kl_after_steps(out, tmp_path, lr: float) -> list[float]:
+    """KL to the SFT start over a few RL steps with the quickstart's RL defaults at ``lr``."""
+    from dataclasses import replace
+
+    from tspo.train.loop import train
+
+    rl = replace(
+        QuickstartSettings().rl,
+        lr=lr,
+        steps=COLLAPSE_STEPS,
+        prompts_per_step=4,
+        group_size=4,
+        max_turns=2,
+        max_turn_tokens=16,
+        max_obs_tokens=48,
+        topk=2,
+        eval_every=0,
+    )
+    config = rl_train_config(
+        RunPaths(out), rl, output_dir=tmp_path / f"rl-{lr}", show_progress=False
+    )
+    return [m["kl_ref"] for m in train(config).metrics]
+
+
+COLLAPSE_STEPS = 5
+COLLAPSE_KL = 0.05
+
+
+def test_rl_defaults_stay_near_the_sft_start_where_a_high_lr_runs_away(finished_run, tmp_path):
+    """Regression test for the collapse the quickstart once showed: at lr 3e-4 the KL to the SFT
+    start passed 1 within five steps and the policy drifted into mixed, invalid tags. The default
+    learning rate must keep the policy near its start; the old one must not (the control)."""
+    out, _, _ = finished_run
+    assert max(_kl_after_steps(out, tmp_path, QuickstartSettings().rl.lr)) < COLLAPSE_KL
+    assert max(_kl_after_steps(out, tmp_path, 3e-4)) > COLLAPSE_KL

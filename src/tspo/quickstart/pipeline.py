@@ -317,7 +317,12 @@ def rl_train_config(
                 "topk": rl.topk,
                 "temperature": rl.temperature,
             },
-            "algo": {"estimator": rl.estimator, "kl_coef": rl.kl_coef, "alpha": rl.alpha},
+            "algo": {
+                "estimator": rl.estimator,
+                "kl_coef": rl.kl_coef,
+                "alpha": rl.alpha,
+                "invalid_penalty": rl.invalid_penalty,
+            },
             "optim": {"lr": rl.lr, "schedule": "constant"},
             "train": {
                 "steps": rl.steps,

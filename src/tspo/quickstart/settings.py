@@ -37,11 +37,14 @@ class RLStage:
     """The RL run (fields of ``tspo.train.config.TrainConfig``)."""
 
     estimator: str = "tspo"
-    steps: int = 40
-    prompts_per_step: int = 8
+    steps: int = 30
+    prompts_per_step: int = 16
     group_size: int = 4
-    lr: float = 3e-4
+    # 3e-4 made the policy run away from its SFT start (KL > 1 within five steps) into mixed,
+    # invalid tags; see docs/results.md. tests/test_quickstart.py guards it.
+    lr: float = 5e-5
     kl_coef: float = 0.001
+    invalid_penalty: float = 0.0  # format penalty on trajectories with an invalid turn
     alpha: float = 0.5
     temperature: float = 1.0
     max_turns: int = 4

@@ -147,6 +147,12 @@ class AlgoConfig(_Section):
         "low_var_kl", description="KL estimator; low_var_kl is k3."
     )
     entropy_coef: float = Field(0.0, ge=0, description="Entropy bonus coefficient.")
+    invalid_penalty: float = Field(
+        0.0,
+        ge=0,
+        description="Subtracted from the outcome reward of a trajectory with an invalid turn "
+        "(a format penalty; 0 = EM only, as in Search-R1).",
+    )
     agg: Literal["token-mean", "seq-mean-token-mean"] = Field(
         "token-mean", description="How per-token losses become one number."
     )

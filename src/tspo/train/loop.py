@@ -219,6 +219,19 @@ def _build_run(config: TrainConfig, resume_from: Path | None) -> tuple[_Run, int
     return run, state.step
 
 
+def shaped_outcome(rollout: RolloutBatch, invalid_penalty: float) -> torch.Tensor:
+    """(B,) the reward the advantages see: EM, minus ``invalid_penalty`` for every trajectory with
+    at least one invalid turn (a turn holding neither a complete search nor a complete answer)."""
+    if not invalid_penalty:
+        return rollout.outcome
+    invalid = torch.tensor(
+        [trajectory.num_invalid > 0 for trajectory in rollout.trajectories],
+        dtype=rollout.outcome.dtype,
+        device=rollout.outcome.device,
+    )
+    return rollout.outcome - invalid_penalty * invalid
+
+
 def run_step(run: _Run, step: int) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """One training step; returns its metrics and a few trajectories for inspection."""
     config, policy = run.config, run.policy
@@ -236,10 +249,11 @@ def run_step(run: _Run, step: int) -> tuple[dict[str, Any], list[dict[str, Any]]
     rollout = rollout.to(policy.device)
     rollout_seconds = time.perf_counter() - step_start
 
-    # 2. Advantages from the configured estimator (token level, 0 off the loss mask).
+    # 2. Advantages from the configured estimator (token level, 0 off the loss mask), on the EM
+    #    outcome minus the optional format penalty.
     advantages = compute_advantages(
         config.algo.estimator,
-        outcome=rollout.outcome,
+        outcome=shaped_outcome(rollout, config.algo.invalid_penalty),
         first_hit_turn=rollout.first_hit_turn,
         turn_ids=rollout.turn_ids,
         group_ids=rollout.group_ids,
