@@ -93,7 +93,6 @@ def test_stop_strings_are_the_closing_action_tags() -> None:
     assert len(set(PROTOCOL_TAGS)) == 8
 
 
-
 def test_corrective_message_names_no_tag() -> None:
     """A small policy copies what it reads: the message must not spell out tags to repeat."""
     assert not any(tag in INVALID_ACTION_MESSAGE for tag in PROTOCOL_TAGS)

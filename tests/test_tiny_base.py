@@ -1,4 +1,4 @@
-"""The shipped base `tspo-tiny-base`: it loads, matches its model card, and still reads and copies."""
+"""The shipped base `tspo-tiny-base`: it loads, matches its card, and still reads and copies."""
 
 from __future__ import annotations
 
