@@ -23,7 +23,7 @@ class PolicyStage:
     """The base model, the noisy expert and the SFT warm start."""
 
     base: str = "tspo-tiny-base"  # a model folder or alias; the shipped base by default
-    early_answer: float = 0.6  # the expert answers a hop early this often (see tspo.data.expert)
+    early_answer: float = 0.45  # the expert answers a hop early this often (see tspo.data.expert)
     wrong_query: float = 0.15
     recover: float = 0.5
     expert_passes: int = 1  # noisy expert episodes per training question
@@ -44,7 +44,9 @@ class RLStage:
     # invalid tags; see docs/results.md. tests/test_quickstart.py guards it.
     lr: float = 5e-5
     kl_coef: float = 0.001
-    invalid_penalty: float = 0.0  # format penalty on trajectories with an invalid turn
+    # Format penalty on trajectories with an invalid turn: without it the tiny policy drifted into
+    # mixed tags (<answer> X </search>) even at 5e-5 and lost 1-hop accuracy (docs/results.md).
+    invalid_penalty: float = 0.5
     alpha: float = 0.5
     temperature: float = 1.0
     max_turns: int = 4
