@@ -49,7 +49,9 @@ def sft(
         PolicyStage().sft.lr, "--lr", help="Peak learning rate (AdamW, cosine decay)."
     ),
     early_answer: float = typer.Option(
-        PolicyStage.early_answer, "--early-answer", help="How often the expert answers one hop too early."
+        PolicyStage.early_answer,
+        "--early-answer",
+        help="How often the expert answers one hop too early.",
     ),
     wrong_query: float = typer.Option(
         0.15, "--wrong-query", help="How often the expert searches a near-duplicate name."
