@@ -62,20 +62,31 @@ cosine to {config["min_lr_ratio"]:g}x, weight decay {config["weight_decay"]:g}, 
 
 ## Gates
 
-Greedy decoding on a world never trained on (seed 3,000,000), {facts["gate_items"]} items each (or
-all the world has):
+Greedy decoding on worlds never trained on (seeds 3,000,000 and 3,000,001), {facts["gate_items"]}
+items each:
 
 | gate | measured | target |
 |---|---:|---:|
 {gate_rows}
 
-## Files
+{_first_measurement(facts)}## Files
 
 `model.safetensors` SHA-256: `{facts["sha256"]}`
 
 Load it with `AutoModelForCausalLM.from_pretrained(folder)` and `AutoTokenizer.from_pretrained
 (folder)`, or by its alias `tspo-tiny-base` wherever tspo accepts a model name.
 """
+
+
+def _first_measurement(facts: dict[str, Any]) -> str:
+    first = facts.get("gates_first_measured")
+    if not first:
+        return ""
+    figures = ", ".join(f"{gate} {value:.3f}" for gate, value in first.items())
+    return (
+        "The run itself measured the gates on the first gate world only, where fewer than 200\n"
+        f"twin questions exist ({figures}); the table above re-measures them on both worlds.\n\n"
+    )
 
 
 def write_model_card(path: str | Path, facts: dict[str, Any]) -> None:

@@ -1,7 +1,7 @@
 """The base model's gates: copy a name, read one document, read past a near-duplicate twin.
 
-Measured on a world never trained on (``GATE_WORLD_SEED``), greedy decoding, in the same layouts
-the pre-training items use:
+Measured on worlds never trained on (seeds ``GATE_WORLD_SEED`` and the next), greedy decoding, in
+the same layouts the pre-training items use:
 
 - ``copy``: ``"Name: X. Repeat:"`` must continue with exactly ``X`` (cut at ``.`` or a newline);
 - ``rc_one_doc``: the subject's document alone, then the question; EM against the gold aliases;
@@ -98,15 +98,32 @@ def greedy_continuations(
     return outputs
 
 
+GATE_WORLDS = (
+    2  # gate worlds: seeds GATE_WORLD_SEED, GATE_WORLD_SEED + 1 (the twin gate needs both)
+)
+
+
+def pooled_gate_cases(items: int, seed: int = 0) -> dict[str, list[GateCase]]:
+    """Up to ``items`` cases per gate, drawn from the gate worlds in turn until there are enough
+    (one world holds fewer than 200 questions about entities that have a twin)."""
+    pooled: dict[str, list[GateCase]] = {}
+    for index in range(GATE_WORLDS):
+        world = generate_world(GATE_WORLD_SEED + index, "small")
+        for gate, cases in gate_cases(world, items, seed).items():
+            have = pooled.setdefault(gate, [])
+            have += cases[: items - len(have)]
+    return pooled
+
+
 def measure_gates(
     model: Any, tokenizer: Any, items: int, *, world: World | None = None, seed: int = 0
 ) -> dict[str, float]:
-    """Accuracy per gate on ``items`` cases each (the gate world unless ``world`` is given)."""
+    """Accuracy per gate on ``items`` cases each (the gate worlds unless ``world`` is given)."""
     from tspo.algo import exact_match
 
-    world = world or generate_world(GATE_WORLD_SEED, "small")
+    by_gate = gate_cases(world, items, seed) if world else pooled_gate_cases(items, seed)
     results: dict[str, float] = {}
-    for gate, cases in gate_cases(world, items, seed).items():
+    for gate, cases in by_gate.items():
         texts = greedy_continuations(model, tokenizer, [c.prompt for c in cases])
         hits = [
             (_cut(text, c.stop) == c.golds[0])
