@@ -174,7 +174,7 @@ def _transfer_lines(transfer: Mapping[str, Any] | None, seed: int) -> list[str]:
     return [
         f"On another world (seed {seed}: other names, other facts, never trained on), test EM "
         f"is {before['em']:.3f} (SFT start) -> {after['em']:.3f} (after RL) on "
-        f"{int(after['count'])} questions: the policy reads and copies instead of remembering.",
+        f"{int(after['count'])} questions.",
         "",
     ]
 
