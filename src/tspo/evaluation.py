@@ -192,6 +192,10 @@ def run_eval(
     from tspo.models.loading import load_policy
 
     model, tokenizer = load_policy(model_path, dtype, device)
+    if next(model.parameters()).device.type == "cpu":
+        from tspo.utils import apply_thread_policy
+
+        apply_thread_policy(parameters=sum(p.numel() for p in model.parameters()))
     examples = load_eval_examples(data_files, limit)
     result = evaluate(
         model,

@@ -406,14 +406,13 @@ def evaluate_folder(
 
 
 def prepare_process(threads: int | None) -> None:
-    """Set torch's CPU threads (when given) and silence transformers' per-file progress bars."""
-    import torch
+    """Set torch's CPU threads (``--threads``, else ``$TSPO_THREADS``, else one: the quickstart's
+    models are tiny) and silence transformers' per-file progress bars."""
     from transformers.utils import logging as hf_logging
 
-    if threads is not None:
-        if threads < 1:
-            raise TSPOError(f"--threads must be >= 1, got {threads}")
-        torch.set_num_threads(threads)
+    from tspo.utils import SMALL_MODEL_PARAMETERS, apply_thread_policy
+
+    apply_thread_policy(threads, parameters=SMALL_MODEL_PARAMETERS - 1)
     hf_logging.disable_progress_bar()
 
 

@@ -25,6 +25,25 @@ def _quiet_transformers() -> None:
     hf_logging.set_verbosity_error()
 
 
+THREADS_HELP = (
+    "torch CPU threads (default: $TSPO_THREADS, else 1 for models under 20M parameters, "
+    "else the cores other processes leave free)."
+)
+
+
+def _set_threads(threads: int | None) -> None:
+    """``--threads`` overrides the thread policy for the whole command."""
+    import os
+
+    from tspo.errors import TSPOError
+    from tspo.utils import THREADS_ENV
+
+    if threads is not None:
+        if threads < 1:
+            raise TSPOError(f"--threads must be >= 1, got {threads}")
+        os.environ[THREADS_ENV] = str(threads)
+
+
 @app.command("train")
 def train_command(
     overrides: Annotated[
@@ -46,10 +65,12 @@ def train_command(
             "or a checkpoint folder.",
         ),
     ] = None,
+    threads: Annotated[int | None, typer.Option("--threads", help=THREADS_HELP)] = None,
 ) -> None:
     """Train a search agent with TSPO (or a baseline estimator) from a YAML config."""
     from tspo.train.config import load_config
 
+    _set_threads(threads)
     if resume:
         overrides = [*(overrides or []), f"train.resume={resume}"]
     settings = load_config(config, overrides)
@@ -108,12 +129,14 @@ def eval_command(
     ] = None,
     dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16.")] = "float32",
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    threads: Annotated[int | None, typer.Option("--threads", help=THREADS_HELP)] = None,
 ) -> None:
     """Evaluate a model with greedy decoding: EM and F1 per data source, turns and searches.
 
     Rollout settings default to those in the checkpoint's config.yaml (when MODEL is a
     `tspo train` checkpoint), else to the protocol's defaults; the flags override both.
     """
+    _set_threads(threads)
     _quiet_transformers()
     from tspo.evaluation import markdown_table, run_eval
     from tspo.train.components import open_retriever

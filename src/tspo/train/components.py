@@ -134,6 +134,10 @@ def build_policy(
         base_source, config.dtype, config.device, tokenizer=config.tokenizer
     )
     device = next(model.parameters()).device
+    if device.type == "cpu":
+        from tspo.utils import apply_thread_policy
+
+        apply_thread_policy(parameters=sum(p.numel() for p in model.parameters()))
 
     reference = None
     if config.lora.enabled:
