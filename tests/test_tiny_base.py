@@ -67,3 +67,8 @@ def test_unknown_model_name_fails_at_once_offline_with_the_aliases():
 def test_a_folder_without_config_is_named_as_such(tmp_path):
     with pytest.raises(TSPOError, match="not a model folder"):
         resolve_model_path(str(tmp_path))
+
+
+def test_a_lora_adapter_folder_counts_as_a_model_folder(tmp_path):
+    (tmp_path / "adapter_config.json").write_text("{}")
+    assert resolve_model_path(str(tmp_path)) == str(tmp_path)

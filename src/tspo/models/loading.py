@@ -48,7 +48,8 @@ def resolve_model_path(
         return str(folder)
     path = Path(name_or_path)
     if path.is_dir():
-        if not tokenizer_only and not (path / "config.json").is_file():
+        configs = ("config.json", "adapter_config.json")  # a full model or LoRA adapters
+        if not tokenizer_only and not any((path / name).is_file() for name in configs):
             raise TSPOError(f"{name_or_path} is not a model folder (no config.json)")
         return name_or_path
     if _in_hub_cache(name_or_path):
