@@ -1,7 +1,7 @@
 """Thread policy under load: the quickstart's eval and RL step, quiet and next to busy processes.
 
 Runs each measurement in a fresh process, at torch's default thread count and at the thread
-policy's choice (one thread for the quickstart's 0.9M-parameter policy), first on an otherwise
+policy's choice (the cores other processes leave free), first on an otherwise
 quiet machine, then with two busy background processes (pure-Python spin loops). Needs a finished
 quickstart run (``make quickstart``). Writes docs/bench/threads.json and prints a Markdown table.
 
@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "docs" / "bench" / "threads.json"
 
 
-def worker(run: Path, task: str, threads: int | None) -> dict[str, float]:
+def worker(run: Path, task: str, threads: int | str | None) -> dict[str, float]:
     """One measurement in this process: seconds for the eval or for one RL step."""
     import tempfile
 
@@ -36,13 +36,18 @@ def worker(run: Path, task: str, threads: int | None) -> dict[str, float]:
     from tspo.retrieval.index import load_retriever
     from tspo.train.loop import train
 
-    torch.set_num_threads(threads or torch.get_num_threads())
+    if threads == "policy":
+        from tspo.utils import apply_thread_policy
+
+        apply_thread_policy()
+        threads = torch.get_num_threads()
+    torch.set_num_threads(int(threads or torch.get_num_threads()))
     paths = RunPaths(run)
     settings = QuickstartSettings()
     if task == "eval":
         model, tokenizer = load_policy(str(paths.sft), device="cpu")
-        torch.set_num_threads(threads or torch.get_num_threads())
-        examples = read_qa(paths.world / "dev.jsonl")
+        torch.set_num_threads(int(threads or torch.get_num_threads()))
+        examples = read_qa(paths.world / "dev.jsonl") + read_qa(paths.world / "test.jsonl")
         started = time.perf_counter()
         with torch.no_grad():
             evaluate(
@@ -66,7 +71,7 @@ def worker(run: Path, task: str, threads: int | None) -> dict[str, float]:
     return {"seconds": metrics[-1]["step_seconds"], "threads": torch.get_num_threads()}
 
 
-def measure(run: Path, task: str, threads: int | None) -> dict[str, float]:
+def measure(run: Path, task: str, threads: int | str | None) -> dict[str, float]:
     command = [sys.executable, __file__, "--run", str(run), "--worker", task]
     if threads is not None:
         command += ["--threads", str(threads)]
@@ -82,10 +87,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", type=Path, default=ROOT / "runs" / "quickstart")
     parser.add_argument("--worker", choices=("eval", "rl_step"))
-    parser.add_argument("--threads", type=int)
+    parser.add_argument("--threads", help="a number, or 'policy' for tspo's thread policy")
     args = parser.parse_args()
     if args.worker:
-        print(json.dumps(worker(args.run, args.worker, args.threads)))
+        threads = args.threads if args.threads in (None, "policy") else int(args.threads)
+        print(json.dumps(worker(args.run, args.worker, threads)))
         return
     from tspo.utils import machine_info
 
@@ -97,7 +103,7 @@ def main() -> None:
         try:
             time.sleep(2 if load else 0)
             for task in ("eval", "rl_step"):
-                for label, threads in (("torch default", None), ("policy (1 thread)", 1)):
+                for label, threads in (("torch default", None), ("policy", "policy")):
                     result = measure(args.run, task, threads)
                     rows.append({"task": task, "busy": load, "setting": label, **result})
                     print(rows[-1], flush=True)

@@ -23,16 +23,18 @@ def test_atomic_directory_replaces_the_target_only_on_success(tmp_path) -> None:
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
 
 
-def test_thread_policy_flag_beats_env_beats_model_size(monkeypatch):
+def test_thread_policy_flag_beats_env_beats_free_cores(monkeypatch):
     from tspo.errors import TSPOError
-    from tspo.utils import SMALL_MODEL_PARAMETERS, THREADS_ENV, choose_threads, free_cores
+    from tspo.utils import THREADS_ENV, choose_threads, free_cores
 
     monkeypatch.delenv(THREADS_ENV, raising=False)
-    assert choose_threads(parameters=SMALL_MODEL_PARAMETERS - 1) == 1
-    assert choose_threads(parameters=SMALL_MODEL_PARAMETERS) == free_cores() >= 1
+    monkeypatch.setattr("tspo.utils._running_elsewhere", lambda: 0)
+    assert choose_threads() == free_cores() >= 1
+    monkeypatch.setattr("tspo.utils._running_elsewhere", lambda: 64)
+    assert choose_threads() == 1  # a busy machine: one thread, never zero
     monkeypatch.setenv(THREADS_ENV, "3")
-    assert choose_threads(parameters=10) == 3
-    assert choose_threads(2, parameters=10) == 2
+    assert choose_threads() == 3
+    assert choose_threads(2) == 2
     monkeypatch.setenv(THREADS_ENV, "many")
     with pytest.raises(TSPOError, match=THREADS_ENV):
         choose_threads()

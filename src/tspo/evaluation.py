@@ -195,7 +195,7 @@ def run_eval(
     if next(model.parameters()).device.type == "cpu":
         from tspo.utils import apply_thread_policy
 
-        apply_thread_policy(parameters=sum(p.numel() for p in model.parameters()))
+        apply_thread_policy()
     examples = load_eval_examples(data_files, limit)
     result = evaluate(
         model,

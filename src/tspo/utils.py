@@ -37,23 +37,36 @@ def file_sha256(path: str | Path) -> str:
 
 
 THREADS_ENV = "TSPO_THREADS"
-# Models below this size gain little from a second torch thread and lose a lot when their threads
-# compete with other busy processes (measured: the quickstart policy's eval took 8.4 s quiet, 64 s
-# with two busy processes at torch's default thread count, 21.5 s with one thread).
-SMALL_MODEL_PARAMETERS = 20_000_000
+# Threads that compete with other busy processes slow small models down sharply (measured: the
+# quickstart's RL step took 7.5 s quiet and 32 s next to two busy processes at torch's default
+# thread count, 17.8 s with one thread; docs/reliability.md), so the policy takes only free cores.
+
+
+def _running_elsewhere() -> int:
+    """Other processes running right now: the most seen in a few samples of /proc/loadavg."""
+    import time
+
+    seen = []
+    for _ in range(5):
+        try:
+            fields = Path("/proc/loadavg").read_text().split()
+            seen.append(int(fields[3].split("/")[0]) - 1)  # minus this process
+        except (OSError, ValueError, IndexError):
+            return round(os.getloadavg()[0]) if hasattr(os, "getloadavg") else 0
+        time.sleep(0.05)
+    return max(0, max(seen))
 
 
 def free_cores() -> int:
-    """CPUs this process may use minus the 1-minute load average, at least 1."""
+    """CPUs this process may use minus the processes running elsewhere right now, at least 1."""
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     cpus = cpus or 1
-    busy = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-    return max(1, min(cpus, round(cpus - busy)))
+    return max(1, min(cpus, cpus - _running_elsewhere()))
 
 
-def choose_threads(requested: int | None = None, *, parameters: int | None = None) -> int:
-    """torch CPU threads: ``requested`` (``--threads``), else ``$TSPO_THREADS``, else one thread
-    for a model under 20M parameters, else the cores other processes leave free."""
+def choose_threads(requested: int | None = None) -> int:
+    """torch CPU threads: ``requested`` (``--threads``), else ``$TSPO_THREADS``, else the cores
+    other processes leave free right now."""
     from tspo.errors import TSPOError
 
     if requested is None and os.environ.get(THREADS_ENV, "").strip():
@@ -65,16 +78,14 @@ def choose_threads(requested: int | None = None, *, parameters: int | None = Non
         if requested < 1:
             raise TSPOError(f"--threads must be >= 1, got {requested}")
         return requested
-    if parameters is not None and parameters < SMALL_MODEL_PARAMETERS:
-        return 1
     return free_cores()
 
 
-def apply_thread_policy(requested: int | None = None, *, parameters: int | None = None) -> int:
+def apply_thread_policy(requested: int | None = None) -> int:
     """Set torch's CPU threads by :func:`choose_threads`; returns the number set."""
     import torch
 
-    threads = choose_threads(requested, parameters=parameters)
+    threads = choose_threads(requested)
     torch.set_num_threads(threads)
     return threads
 

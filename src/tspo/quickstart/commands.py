@@ -121,7 +121,7 @@ def quickstart(
         PolicyStage.base, "--base", help="Base model folder or alias that SFT starts from."
     ),
     threads: int | None = typer.Option(
-        None, "--threads", help="torch CPU threads (default: $TSPO_THREADS, else 1)."
+        None, "--threads", help="torch CPU threads (default: $TSPO_THREADS, else the free cores)."
     ),
 ) -> None:
     """Train a small search agent end to end on CPU and write a report.
@@ -162,7 +162,7 @@ def compare(
     out: Path = typer.Option(Path("runs/compare"), "--out", help="Run folder."),
     fresh: bool = typer.Option(False, "--fresh", help="Start over instead of reusing stages."),
     threads: int | None = typer.Option(
-        None, "--threads", help="torch CPU threads (default: $TSPO_THREADS, else 1)."
+        None, "--threads", help="torch CPU threads (default: $TSPO_THREADS, else the free cores)."
     ),
 ) -> None:
     """Compare advantage estimators from one SFT start over several seeds.

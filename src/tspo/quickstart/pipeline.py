@@ -406,13 +406,13 @@ def evaluate_folder(
 
 
 def prepare_process(threads: int | None) -> None:
-    """Set torch's CPU threads (``--threads``, else ``$TSPO_THREADS``, else one: the quickstart's
-    models are tiny) and silence transformers' per-file progress bars."""
+    """Set torch's CPU threads (``--threads``, else ``$TSPO_THREADS``, else the free cores) and
+    silence transformers' per-file progress bars."""
     from transformers.utils import logging as hf_logging
 
-    from tspo.utils import SMALL_MODEL_PARAMETERS, apply_thread_policy
+    from tspo.utils import apply_thread_policy
 
-    apply_thread_policy(threads, parameters=SMALL_MODEL_PARAMETERS - 1)
+    apply_thread_policy(threads)
     hf_logging.disable_progress_bar()
 
 

@@ -26,8 +26,7 @@ def _quiet_transformers() -> None:
 
 
 THREADS_HELP = (
-    "torch CPU threads (default: $TSPO_THREADS, else 1 for models under 20M parameters, "
-    "else the cores other processes leave free)."
+    "torch CPU threads (default: $TSPO_THREADS, else the cores other processes leave free)."
 )
 
 

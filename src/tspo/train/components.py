@@ -137,7 +137,7 @@ def build_policy(
     if device.type == "cpu":
         from tspo.utils import apply_thread_policy
 
-        apply_thread_policy(parameters=sum(p.numel() for p in model.parameters()))
+        apply_thread_policy()
 
     reference = None
     if config.lora.enabled:
