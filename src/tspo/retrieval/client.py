@@ -7,6 +7,7 @@ import math
 import os
 import random
 import time
+from collections.abc import Callable, Set
 from email.utils import parsedate_to_datetime
 from typing import Any
 
@@ -147,29 +148,8 @@ class HttpRetriever(Retriever):
         bad or missing token, 404 or 405 means no retriever at this URL. Anything else (our
         server's 422 for the empty list, a 200) passes. Raises a one-line :class:`TSPOError`.
         """
-        attempts = self.retries + 1
-        last_problem = ""
-        retry_after: float | None = None
-        for attempt in range(attempts):
-            if attempt:
-                time.sleep(self.backoff_seconds(attempt, retry_after))
-            retry_after = None
-            try:
-                response = self._client.get(self.health_url)
-            except httpx.TransportError as err:
-                last_problem = f"{type(err).__name__}: {_one_line(err)}"
-                continue
-            if response.status_code in (404, 405, 501) or response.status_code < 400:
-                break
-            last_problem = f"HTTP {response.status_code}: {_error_message(response)}"
-            retry_after = _retry_after(response)
-            if response.status_code < 500 and response.status_code != 429:
-                break
-        else:
-            raise TSPOError(
-                f"retriever at {self.health_url} failed after {attempts} attempts; "
-                f"last error: {last_problem}"
-            )
+        # 501 (no /health) is an answer, not a failure; other 4xx answers go on to the token check.
+        self._with_retries(lambda: self._client.get(self.health_url), self.health_url, final={501})
         try:
             response = self._client.post(self.url, json={"queries": [], "topk": 1})
         except httpx.TransportError as err:
@@ -244,8 +224,12 @@ class HttpRetriever(Retriever):
             wait = max(wait, retry_after)
         return min(wait, self.max_backoff)
 
-    def _post(self, queries: list[str], topk: int) -> list[list[Hit]]:
-        body = {"queries": queries, "topk": topk, "return_scores": True}
+    def _with_retries(
+        self, send: Callable[[], httpx.Response], url: str, final: Set[int] = frozenset()
+    ) -> httpx.Response:
+        """The first answer of ``send`` that is not a connection error, a timeout, a 5xx or a 429
+        (statuses in ``final`` count as answers), retrying with :meth:`backoff_seconds`; a
+        one-line :class:`TSPOError` naming ``url`` once every attempt failed."""
         attempts = self.retries + 1
         last_problem = ""
         retry_after: float | None = None
@@ -254,27 +238,33 @@ class HttpRetriever(Retriever):
                 time.sleep(self.backoff_seconds(attempt, retry_after))
             retry_after = None
             try:
-                response = self._client.post(self.url, json=body)
+                response = send()
             except httpx.TransportError as err:
                 last_problem = f"{type(err).__name__}: {_one_line(err)}"
                 continue
             status = response.status_code
-            if status >= 500 or status == 429:
+            if (status >= 500 or status == 429) and status not in final:
                 last_problem = f"HTTP {status}: {_error_message(response)}"
                 retry_after = _retry_after(response)
                 continue
-            if status >= 400:
-                message = (
-                    f"retriever at {self.url} refused the request "
-                    f"(HTTP {status}): {_error_message(response)}"
-                )
-                if status in (413, 422):
-                    raise _TooLarge(message)
-                raise TSPOError(message)
-            return self._parse(response, len(queries))
+            return response
         raise TSPOError(
-            f"retriever at {self.url} failed after {attempts} attempts; last error: {last_problem}"
+            f"retriever at {url} failed after {attempts} attempts; last error: {last_problem}"
         )
+
+    def _post(self, queries: list[str], topk: int) -> list[list[Hit]]:
+        body = {"queries": queries, "topk": topk, "return_scores": True}
+        response = self._with_retries(lambda: self._client.post(self.url, json=body), self.url)
+        status = response.status_code
+        if status >= 400:
+            message = (
+                f"retriever at {self.url} refused the request "
+                f"(HTTP {status}): {_error_message(response)}"
+            )
+            if status in (413, 422):
+                raise _TooLarge(message)
+            raise TSPOError(message)
+        return self._parse(response, len(queries))
 
     def _parse(self, response: httpx.Response, n_queries: int) -> list[list[Hit]]:
         try:
