@@ -27,14 +27,12 @@ import asyncio
 import json
 import os
 import random
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-import httpx
+from serving import ServeProcess, percentile
 
 from tspo.data.qa import read_qa
 from tspo.data.wiki import build_wiki_dataset
@@ -46,59 +44,18 @@ CLOSED_LOOP_CLIENTS = 32
 MAX_OUTSTANDING = 2048  # open-loop requests in flight at once; beyond it arrivals are skipped
 
 
-def percentile(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class Server:
-    """``tspo serve`` as a child process on a free loopback port."""
+class Server(ServeProcess):
+    """``tspo serve`` with one torch thread, as a child process on a free loopback port."""
 
     def __init__(self, index_dir: Path, *args: str):
-        self.port = free_port()
-        self.base = f"http://127.0.0.1:{self.port}"
-        command = [sys.executable, "-m", "tspo.cli", "serve", "--index", str(index_dir)]
-        command += ["--port", str(self.port), *args]
-        env = {**os.environ, "OMP_NUM_THREADS": "1"}
-        self.process = subprocess.Popen(
-            command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env
-        )
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"{self.base}/health", timeout=1).status_code == 200:
-                    return
-            except httpx.TransportError:
-                if self.process.poll() is not None or time.monotonic() > deadline:
-                    self.stop()
-                    stderr = self.process.stderr.read().decode()
-                    raise RuntimeError(f"server did not start: {stderr}") from None
-                time.sleep(0.2)
-
-    def health(self) -> dict[str, Any]:
-        return httpx.get(f"{self.base}/health", timeout=10).json()
+        super().__init__(index_dir, *args, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
     def cpu_seconds(self) -> float:
         fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        self.terminate()
 
 
 class Connection:

@@ -26,14 +26,12 @@ import json
 import os
 import random
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-import httpx
+from serving import ServeProcess, percentile
 
 from tspo.data.qa import read_qa
 from tspo.data.wiki import build_wiki_dataset
@@ -45,19 +43,6 @@ CONCURRENCY = (1, 8, 32)
 TOPK = 3
 CHECK_QUERY = "who painted the Mona Lisa"
 CHECK_TITLE = "Mona Lisa"
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def questions_of(wiki_dir: Path, seed: int = 0) -> list[str]:
@@ -183,30 +168,12 @@ def httptools_status() -> dict[str, Any]:
     }
 
 
-class ServerProcess:
-    """``tspo serve`` on a free loopback port, as a child process."""
+class ServerProcess(ServeProcess):
+    """``tspo serve`` with the HTTP parser ``parser``, as a child process on a free port."""
 
     def __init__(self, index_dir: Path, parser: str):
         self.parser = parser
-        self.port = free_port()
-        self.base = f"http://127.0.0.1:{self.port}"
-        command = [sys.executable, "-m", "tspo.cli", "serve", "--index", str(index_dir)]
-        command += ["--port", str(self.port), "--http", parser]
-        self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"{self.base}/health", timeout=1).status_code == 200:
-                    return
-            except httpx.TransportError:
-                if self.process.poll() is not None or time.monotonic() > deadline:
-                    self.stop()
-                    stderr = self.process.stderr.read().decode()
-                    raise RuntimeError(f"server did not start: {stderr}") from None
-                time.sleep(0.2)
-
-    def health(self) -> dict[str, Any]:
-        return httpx.get(f"{self.base}/health", timeout=10).json()
+        super().__init__(index_dir, "--http", parser)
 
     def measure(self, concurrency: int, questions: list[str], seconds: float) -> dict[str, Any]:
         before = self.health()
@@ -230,8 +197,7 @@ class ServerProcess:
     def stop(self) -> float | None:
         """Stop the server; its peak resident memory in MiB."""
         peak = server_peak_rss_mb(self.process.pid)
-        self.process.terminate()
-        self.process.wait(timeout=20)
+        self.terminate()
         return peak
 
 
