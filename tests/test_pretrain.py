@@ -27,11 +27,11 @@ from tspo.pretrain.loop import (
     lr_factor,
     parse_shape,
     pretrain,
-    sha256_file,
-    weighted_lm_loss,
 )
 from tspo.pretrain.packing import PackedStream, StreamPosition
 from tspo.protocol import PROTOCOL_TAGS
+from tspo.sft import masked_lm_loss
+from tspo.utils import file_sha256
 
 TINY_MIX = PretrainMix(world_size="tiny")
 
@@ -78,7 +78,7 @@ def test_packed_stream_fills_rows_and_resumes_at_the_same_row(tiny_tokenizer):
 def test_weighted_loss_ignores_zero_weights_and_scales_answers():
     logits = torch.randn(1, 4, 7)
     ids = torch.tensor([[1, 2, 3, 4]])
-    base = weighted_lm_loss(logits, ids, torch.tensor([[0.0, 1.0, 1.0, 0.0]]))
+    base = masked_lm_loss(logits, ids, torch.tensor([[0.0, 1.0, 1.0, 0.0]]))
     per_token = torch.nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:], reduction="none")
     assert base.item() == pytest.approx(per_token[:2].mean().item(), rel=1e-5)
 
@@ -145,7 +145,7 @@ def test_miniature_pretrain_writes_a_loadable_base_with_its_card_and_resumes_exa
     AutoTokenizer.from_pretrained(model_dir)
     card = (model_dir / "README.md").read_text()
     assert (
-        facts["sha256"] == sha256_file(model_dir / "model.safetensors") and facts["sha256"] in card
+        facts["sha256"] == file_sha256(model_dir / "model.safetensors") and facts["sha256"] in card
     )
     assert "tspo pretrain --steps 4" in card and "| steps | 4 " in card
     assert set(json.loads((model_dir / "pretrain.json").read_text())["gates"]) >= {"copy"}

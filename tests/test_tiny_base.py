@@ -9,8 +9,8 @@ import pytest
 
 from tspo.errors import TSPOError
 from tspo.models.loading import TINY_BASE_ALIAS, load_policy, resolve_model_path, tiny_base_path
-from tspo.pretrain.loop import sha256_file
 from tspo.protocol import PROTOCOL_TAGS
+from tspo.utils import file_sha256
 
 # Lower than the card's gates (measured on 300 items each): a small sample must still clear them,
 # so a broken, truncated or swapped asset fails.
@@ -30,7 +30,7 @@ def test_alias_resolves_to_the_packaged_folder():
 
 def test_weights_match_the_model_card():
     folder = tiny_base_path()
-    digest = sha256_file(folder / "model.safetensors")
+    digest = file_sha256(folder / "model.safetensors")
     assert digest in (folder / "README.md").read_text()
     facts = json.loads((folder / "pretrain.json").read_text())
     assert facts["sha256"] == digest

@@ -91,7 +91,8 @@ def collate(examples: Sequence[SFTExample], pad_id: int) -> dict[str, Any]:
 
 
 def masked_lm_loss(logits: Any, input_ids: Any, loss_mask: Any) -> Any:
-    """Mean next-token cross-entropy over the tokens where ``loss_mask`` is 1.
+    """Mean next-token cross-entropy over the tokens where ``loss_mask`` is 1 (weighted mean when
+    it holds other non-negative weights, e.g. pre-training's up-weighted answers).
 
     ``logits`` (B, L, V) predict position t+1 from position t; ``input_ids`` (B, L) long;
     ``loss_mask`` (B, L) float, 1 on generated tokens. Returns a scalar. Observation, prompt and

@@ -8,12 +8,10 @@ finished base in Hugging Face format with its model card. A killed run resumes f
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,7 +19,7 @@ from typing import Any
 from tspo.errors import TSPOError
 from tspo.pretrain.items import PretrainMix
 from tspo.pretrain.packing import PackedStream, StreamPosition
-from tspo.utils import atomic_directory, write_json
+from tspo.utils import atomic_directory, file_sha256, write_json
 
 STATE_DIR, MODEL_DIR, TOKENIZER_DIR, LOG_FILE = "state", "model", "tokenizer", "log.jsonl"
 
@@ -79,39 +77,6 @@ def lr_factor(step: int, config: PretrainConfig) -> float:
     return low + (1 - low) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def weighted_lm_loss(logits: Any, input_ids: Any, weights: Any) -> Any:
-    """Weighted mean next-token NLL.
-
-    ``logits`` (B, L, V); ``input_ids`` (B, L); ``weights`` (B, L), the weight of predicting each
-    token (0 on padding). Position t predicts token t+1. Returns a scalar.
-    """
-    import torch.nn.functional as F
-
-    target_weights = weights[:, 1:]
-    per_token = F.cross_entropy(
-        logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
-        input_ids[:, 1:].reshape(-1),
-        reduction="none",
-    ).view_as(target_weights)
-    return (per_token * target_weights).sum() / target_weights.sum().clamp(min=1.0)
-
-
-def autocast_for(device: Any, bf16: bool) -> Any:
-    import torch
-
-    if bf16:
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return nullcontext()
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _config_record(config: PretrainConfig) -> dict[str, Any]:
     return json.loads(json.dumps(asdict(config)))
 
@@ -165,6 +130,8 @@ def pretrain(
     from tspo.models.tiny import build_tiny_model, count_parameters
     from tspo.pretrain.card import write_model_card
     from tspo.pretrain.gates import measure_gates
+    from tspo.sft import masked_lm_loss
+    from tspo.train.forward import autocast_context
 
     out = Path(out_dir)
     if (out / MODEL_DIR).is_dir():
@@ -201,7 +168,7 @@ def pretrain(
         config.batch_size,
         position=StreamPosition(**progress["position"]),
     )
-    autocast = autocast_for(device, config.bf16)
+    autocast = autocast_context(device, config.bf16)
     step, seconds, ema = progress["step"], progress["seconds"], progress["loss"]
     started = time.perf_counter() - seconds
 
@@ -220,7 +187,7 @@ def pretrain(
         input_ids, weights = stream.next_batch()
         with autocast:
             logits = model(input_ids=input_ids.to(device)).logits
-        loss = weighted_lm_loss(logits, input_ids.to(device), weights.to(device))
+        loss = masked_lm_loss(logits, input_ids.to(device), weights.to(device))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
@@ -271,7 +238,7 @@ def pretrain(
     with atomic_directory(out / MODEL_DIR) as staging:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        facts["sha256"] = sha256_file(staging / "model.safetensors")
+        facts["sha256"] = file_sha256(staging / "model.safetensors")
         write_json(staging / "pretrain.json", facts)
         write_model_card(staging / "README.md", facts)
     return facts

@@ -246,15 +246,11 @@ def train_policy(
 
 def base_fingerprint(base: str) -> str:
     """A short hash of the base model's weights, so a changed base invalidates the SFT stage."""
-    import hashlib
-
     from tspo.models.loading import resolve_model_path
+    from tspo.utils import file_sha256
 
     folder = Path(resolve_model_path(base))
-    digest = hashlib.sha256()
-    for weights in sorted(folder.glob("*.safetensors")):
-        digest.update(weights.read_bytes())
-    return digest.hexdigest()[:16]
+    return fingerprint([file_sha256(weights) for weights in sorted(folder.glob("*.safetensors"))])
 
 
 def ensure_policy(
