@@ -1,5 +1,7 @@
 """Shared helpers: atomic folders."""
 
+import os
+
 import pytest
 
 from tspo.utils import atomic_directory
@@ -40,3 +42,21 @@ def test_thread_policy_flag_beats_env_beats_free_cores(monkeypatch):
         choose_threads()
     with pytest.raises(TSPOError, match="--threads"):
         choose_threads(0)
+
+
+def test_requested_threads_survive_the_policy_applied_later(monkeypatch):
+    """`--threads` of `tspo quickstart`/`train`/`eval` must not be undone when the trainer or the
+    evaluator applies the thread policy on loading the model."""
+    import torch
+
+    from tspo.utils import THREADS_ENV, apply_thread_policy, request_threads
+
+    monkeypatch.delenv(THREADS_ENV, raising=False)
+    monkeypatch.setattr("tspo.utils._running_elsewhere", lambda: 0)
+    before = torch.get_num_threads()
+    try:
+        request_threads(1)
+        assert apply_thread_policy() == 1 == torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
+        os.environ.pop(THREADS_ENV, None)

@@ -81,6 +81,14 @@ def choose_threads(requested: int | None = None) -> int:
     return free_cores()
 
 
+def request_threads(threads: int | None) -> None:
+    """Make ``--threads`` the thread count for the rest of the command: every later
+    :func:`apply_thread_policy` (the trainer's and evaluator's, on loading a model) uses it."""
+    if threads is not None:
+        choose_threads(threads)  # validates
+        os.environ[THREADS_ENV] = str(threads)
+
+
 def apply_thread_policy(requested: int | None = None) -> int:
     """Set torch's CPU threads by :func:`choose_threads`; returns the number set."""
     import torch

@@ -30,19 +30,6 @@ THREADS_HELP = (
 )
 
 
-def _set_threads(threads: int | None) -> None:
-    """``--threads`` overrides the thread policy for the whole command."""
-    import os
-
-    from tspo.errors import TSPOError
-    from tspo.utils import THREADS_ENV
-
-    if threads is not None:
-        if threads < 1:
-            raise TSPOError(f"--threads must be >= 1, got {threads}")
-        os.environ[THREADS_ENV] = str(threads)
-
-
 @app.command("train")
 def train_command(
     overrides: Annotated[
@@ -68,8 +55,9 @@ def train_command(
 ) -> None:
     """Train a search agent with TSPO (or a baseline estimator) from a YAML config."""
     from tspo.train.config import load_config
+    from tspo.utils import request_threads
 
-    _set_threads(threads)
+    request_threads(threads)
     if resume:
         overrides = [*(overrides or []), f"train.resume={resume}"]
     settings = load_config(config, overrides)
@@ -135,7 +123,9 @@ def eval_command(
     Rollout settings default to those in the checkpoint's config.yaml (when MODEL is a
     `tspo train` checkpoint), else to the protocol's defaults; the flags override both.
     """
-    _set_threads(threads)
+    from tspo.utils import request_threads
+
+    request_threads(threads)
     _quiet_transformers()
     from tspo.evaluation import markdown_table, run_eval
     from tspo.train.components import open_retriever
