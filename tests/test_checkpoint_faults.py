@@ -20,7 +20,7 @@ import pytest
 import torch
 from fault_helpers import run_cli, tree_hashes, write_config
 from safetensors.torch import load_file
-from train_helpers import TinyWorld, build_tiny_world, single_thread, tiny_config
+from train_helpers import MOVING, TinyWorld, build_tiny_world, single_thread, tiny_config
 
 from tspo.errors import TSPOError
 from tspo.train import checkpoint as checkpoint_module
@@ -32,8 +32,6 @@ from tspo.train.checkpoint import (
 )
 from tspo.train.loop import CHECKPOINT_DIR, train
 from tspo.train.run_log import RunLog
-
-MOVING = ("algo.entropy_coef=0.01",)
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -28,7 +28,7 @@ from fault_helpers import (
 )
 from retrieval_helpers import free_port
 from safetensors.torch import load_file
-from train_helpers import TinyWorld, build_tiny_world, single_thread, tiny_config
+from train_helpers import MOVING, TinyWorld, build_tiny_world, single_thread, tiny_config
 
 from tspo.algo.advantages import ESTIMATORS
 from tspo.retrieval.index import build_index
@@ -37,7 +37,6 @@ from tspo.train import update as update_module
 from tspo.train.checkpoint import checkpoint_problem, list_checkpoints, load_trainer_state
 from tspo.train.loop import CHECKPOINT_DIR, train
 
-MOVING = ("algo.entropy_coef=0.01",)  # a gradient on every step (see test_train_loop.py)
 SHORT_RETRIES = ("retriever.retries=2", "retriever.timeout=2")
 TOKEN = "tok-9f3c1d5e-secret"
 

@@ -9,15 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from train_helpers import TinyWorld, build_tiny_world, single_thread, tiny_config
+from train_helpers import MOVING, TinyWorld, build_tiny_world, single_thread, tiny_config
 
 from tspo.train import checkpoint as checkpoint_module
 from tspo.train.checkpoint import latest_checkpoint, list_checkpoints
 from tspo.train.loop import CHECKPOINT_DIR, train
-
-# The micro model rarely answers right, so the entropy bonus guarantees a gradient on every step:
-# resumed and uninterrupted runs must then agree on weights that actually moved.
-MOVING = ("algo.entropy_coef=0.01",)
 
 
 @pytest.fixture(autouse=True, scope="module")

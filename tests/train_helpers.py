@@ -13,6 +13,10 @@ import torch
 
 from tspo.protocol import PROMPT_TEMPLATE
 
+# The micro model rarely answers right, so the entropy bonus guarantees a gradient on every step:
+# resumed and uninterrupted runs must then agree on weights that actually moved.
+MOVING = ("algo.entropy_coef=0.01",)
+
 FACTS = [
     ("Paris", "Paris is the capital of France.", "What is the capital of France?", ["Paris"]),
     ("Rome", "Rome is the capital of Italy.", "What is the capital of Italy?", ["Rome"]),
