@@ -139,3 +139,62 @@ def test_lora_trains_adapters_against_the_disabled_adapter_reference(
     assert (result.last_checkpoint / "adapter_config.json").is_file()
     adapters = load_file(result.last_checkpoint / "adapter_model.safetensors")
     assert adapters and all("lora_" in name for name in adapters)
+
+
+def test_validation_runs_at_step_zero_every_n_steps_and_at_the_end(
+    world: TinyWorld, tmp_path: Path
+):
+    out = tmp_path / "run"
+    train(
+        tiny_config(
+            world,
+            out,
+            "train.steps=3",
+            f"eval.files=[{world.qa}]",
+            "eval.every=2",
+            "eval.max_examples=3",
+        )
+    )
+    rows = read_jsonl(out / "validation.jsonl")
+    assert [row["step"] for row in rows] == [0, 2, 3]
+    for row in rows:
+        assert row["count"] == 3 and 0.0 <= row["em"] <= 1.0 and 0.0 <= row["invalid_rate"] <= 1.0
+        assert sum(source["count"] for source in row["by_source"].values()) == 3
+
+
+def test_validation_needs_files(world: TinyWorld, tmp_path: Path):
+    from tspo.errors import TSPOError
+
+    with pytest.raises(TSPOError, match="eval.files"):
+        train(tiny_config(world, tmp_path / "run", "eval.every=2"))
+
+
+def test_format_penalty_lowers_the_reward_of_trajectories_with_an_invalid_turn():
+    from tspo.rollout.batch import Trajectory
+    from tspo.train.loop import shaped_outcome
+
+    def trajectory(generated: list[str]) -> Trajectory:
+        return Trajectory("q", "q?", ["x"], "src", 0, generated=generated)
+
+    class Batch:
+        outcome = torch.tensor([1.0, 1.0, 0.0])
+        trajectories = [
+            trajectory(["<answer> x </answer>"]),
+            trajectory(["<answer> x </search>", "<answer> x </answer>"]),
+            trajectory(["<search> q </search>", "<answer> y </answer>"]),
+        ]
+
+    assert shaped_outcome(Batch, 0.0) is Batch.outcome
+    assert shaped_outcome(Batch, 0.5).tolist() == [1.0, 0.5, 0.0]
+
+
+def test_bf16_auto_follows_the_hardware():
+    from contextlib import nullcontext
+
+    from tspo.train.forward import autocast_context, cpu_has_native_bf16
+
+    cpu = torch.device("cpu")
+    assert isinstance(autocast_context(cpu, False), nullcontext)
+    assert isinstance(autocast_context(cpu, True), torch.autocast)
+    auto = autocast_context(cpu, "auto")
+    assert isinstance(auto, torch.autocast) == cpu_has_native_bf16()
