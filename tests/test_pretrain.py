@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 import subprocess
 import sys
 from dataclasses import replace
@@ -175,6 +176,10 @@ def test_finished_or_different_runs_are_refused(tmp_path):
         pretrain(out, MINI, on_step=stop_at_three, say=lambda _: None)
     with pytest.raises(TSPOError, match="other settings"):
         pretrain(out, replace(MINI, lr=5e-4), say=lambda _: None)
+    (out / STATE_DIR / "progress.json").write_text("{not json")
+    with pytest.raises(TSPOError, match="is damaged.*--fresh"):
+        pretrain(out, MINI, say=lambda _: None)
+    shutil.rmtree(out)
     pretrain(out, MINI, say=lambda _: None)
     with pytest.raises(TSPOError, match="finished base"):
         pretrain(out, MINI, say=lambda _: None)

@@ -141,13 +141,20 @@ def pretrain(
     device = torch.device("cpu")
     state_dir = out / STATE_DIR
     if state_dir.is_dir():
-        progress = json.loads((state_dir / "progress.json").read_text(encoding="utf-8"))
-        if progress["config"] != _config_record(config):
+        try:
+            progress = json.loads((state_dir / "progress.json").read_text(encoding="utf-8"))
+            same_settings = progress["config"] == _config_record(config)
+            if same_settings:
+                model = AutoModelForCausalLM.from_pretrained(state_dir, dtype=torch.float32)
+                saved = torch.load(state_dir / "optimizer.pt", weights_only=False)
+        except (OSError, ValueError, KeyError, TypeError, RuntimeError) as err:
+            raise TSPOError(
+                f"{state_dir} is damaged ({type(err).__name__}); pass --fresh to start over"
+            ) from None
+        if not same_settings:
             raise TSPOError(
                 f"{out} holds a run with other settings; pass the same flags or --fresh"
             )
-        model = AutoModelForCausalLM.from_pretrained(state_dir, dtype=torch.float32)
-        saved = torch.load(state_dir / "optimizer.pt", weights_only=False)
         say(f"resuming from step {progress['step']} ({state_dir})")
     else:
         torch.manual_seed(config.seed)
