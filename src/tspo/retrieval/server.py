@@ -13,10 +13,12 @@ query that makes the retriever fail fails only its own request, and a dead batch
 from __future__ import annotations
 
 import asyncio
+import errno
 import hmac
 import json
 import logging
 import os
+import socket
 import sys
 import time
 from collections.abc import AsyncIterator, Callable
@@ -30,6 +32,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from tspo.errors import TSPOError
 from tspo.retrieval.base import Hit, Retriever
 from tspo.retrieval.client import TOKEN_ENV
 
@@ -562,15 +565,42 @@ def serve(
 
     from tspo.retrieval.index import load_retriever, read_manifest
 
-    retriever = load_retriever(index_dir)
-    manifest = read_manifest(index_dir)
-    print(
-        f"serving the {manifest['kind']} index {index_dir} ({manifest['doc_count']} documents) "
-        f"at http://{host}:{port}/retrieve",
-        file=sys.stderr,
-        flush=True,
-    )
-    app = create_app(
-        retriever, default_topk=topk, token=token or os.environ.get(TOKEN_ENV) or None, **limits
-    )
-    uvicorn.run(app, host=host, port=port, log_level="info", access_log=access_log, http=http)
+    sock = listen_socket(host, port)  # first: a busy port is one line before anything else
+    try:
+        retriever = load_retriever(index_dir)
+        manifest = read_manifest(index_dir)
+        print(
+            f"serving the {manifest['kind']} index {index_dir} ({manifest['doc_count']} documents) "
+            f"at http://{host}:{port}/retrieve",
+            file=sys.stderr,
+            flush=True,
+        )
+        app = create_app(
+            retriever, default_topk=topk, token=token or os.environ.get(TOKEN_ENV) or None, **limits
+        )
+        config = uvicorn.Config(
+            app, host=host, port=port, log_level="info", access_log=access_log, http=http
+        )
+        uvicorn.Server(config).run(sockets=[sock])
+    finally:
+        sock.close()
+
+
+def listen_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to ``host:port``; a busy port or a bad address is one-line TSPOError."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family=family)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as err:
+        sock.close()
+        if err.errno == errno.EADDRINUSE:
+            raise TSPOError(
+                f"port {port} on {host} is already in use (another `tspo serve`?); "
+                "choose another with --port"
+            ) from None
+        reason = err.strerror or str(err)
+        raise TSPOError(f"cannot listen on {host}:{port}: {reason}") from None
+    sock.set_inheritable(True)
+    return sock

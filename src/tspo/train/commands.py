@@ -51,20 +51,42 @@ def train_command(
             "or a checkpoint folder.",
         ),
     ] = None,
+    seed: Annotated[
+        int | None, typer.Option("--seed", help="Seed of the run (same as train.seed=N).")
+    ] = None,
     threads: Annotated[int | None, typer.Option("--threads", help=THREADS_HELP)] = None,
 ) -> None:
-    """Train a search agent with TSPO (or a baseline estimator) from a YAML config."""
-    from tspo.train.config import load_config
-    from tspo.utils import request_threads
+    """Train a search agent with TSPO (or a baseline estimator) from a YAML config.
 
-    request_threads(threads)
+    Relative paths in the config file are read against the file's folder. Everything that can be
+    checked cheaply (files, model name, device, output folder) is checked before the model loads.
+    """
+    from tspo import preflight
+    from tspo.train.config import load_config
+
+    if seed is not None:
+        overrides = [*(overrides or []), f"train.seed={seed}"]
     if resume:
         overrides = [*(overrides or []), f"train.resume={resume}"]
     settings = load_config(config, overrides)
-    _quiet_transformers()
-    from tspo.train.loop import train
+    preflight.train_config(settings)
+    console.print(
+        f"tspo train: config {config if config else '(defaults)'}, seed {settings.train.seed}, "
+        f"estimator {settings.algo.estimator}, {settings.train.steps} steps; loading "
+        f"{settings.model.name}…",
+        highlight=False,
+    )
+    from tspo.utils import request_threads
 
-    result = train(settings)
+    request_threads(threads)
+    _quiet_transformers()
+    from tspo.train.loop import TrainInterrupted, train
+
+    try:
+        result = train(settings)
+    except TrainInterrupted as stop:
+        console.print(stop.describe(continue_command(config, overrides)), highlight=False)
+        raise typer.Exit(130) from None
     console.print(
         f"trained to step {result.final_step}; metrics in {result.output_dir / 'metrics.jsonl'}"
         + (f"; checkpoint {result.last_checkpoint}" if result.last_checkpoint else "")
@@ -123,6 +145,24 @@ def eval_command(
     Rollout settings default to those in the checkpoint's config.yaml (when MODEL is a
     `tspo train` checkpoint), else to the protocol's defaults; the flags override both.
     """
+    from tspo import preflight
+
+    model = preflight.model_name(model, "--model")
+    preflight.data_files(data, "--data")
+    if sum(bool(source) for source in (retriever, index, corpus)) != 1:
+        raise TSPOError("give exactly one retriever: --retriever URL, --index DIR or --corpus FILE")
+    if index is not None:
+        preflight.index_dir(index, "--index")
+    if corpus is not None:
+        preflight.corpus_file(corpus, "--corpus")
+    preflight.device(device, "--device")
+    if chat_template:
+        preflight.chat_template(model, "--chat-template")
+    if out is not None:
+        preflight.output_dir(out, "--out")
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise TSPOError(f"--dtype {dtype!r}: expected float32, bfloat16 or float16")
+    console.print(f"tspo eval: loading {model}…", highlight=False)
     from tspo.utils import request_threads
 
     request_threads(threads)
@@ -155,6 +195,18 @@ def eval_command(
     typer.echo(markdown_table(result.scores), nl=False)
     if out is not None:
         console.print(f"wrote {out / 'eval.json'}, {out / 'eval.md'}, {out / 'trajectories.jsonl'}")
+
+
+def continue_command(config: Path | None, overrides: list[str] | None) -> str:
+    """The exact `tspo train` command that continues this run from its newest checkpoint."""
+    import shlex
+
+    parts = ["tspo", "train"]
+    if config is not None:
+        parts += ["--config", str(config)]
+    parts += ["--resume", "auto"]
+    parts += [item for item in overrides or [] if not item.startswith("train.resume=")]
+    return shlex.join(parts)
 
 
 def _eval_rollout_config(model: str, **flags: object):

@@ -7,11 +7,20 @@ A config is a tree of sections (``model``, ``data``, ``retriever``, ``rollout``,
 
 An override is ``section.field=value``; the value is read as YAML, so ``2`` is an int, ``true`` a
 bool and ``[a, b]`` a list. Every invalid value raises :class:`tspo.errors.TSPOError` naming the
-field, e.g. ``config field 'algo.clip_low': Input should be greater than 0``.
+field, e.g. ``config field 'algo.clip_low': Input should be greater than 0``; a mistyped field
+name gets the closest valid one (``did you mean train.steps?``).
+
+Relative paths in a config *file* (``data.train_files``, ``eval.files``, ``retriever.index``,
+``retriever.corpus``, ``train.output_dir``, ``train.resume``, and ``model.name`` /
+``model.tokenizer`` when they start with ``./`` or ``../`` or name an existing folder there)
+resolve against the file's folder; paths given as overrides resolve against the working folder.
 """
 
 from __future__ import annotations
 
+import difflib
+import os
+import sys
 from pathlib import Path
 from typing import Any, Literal
 
@@ -160,13 +169,7 @@ class AlgoConfig(_Section):
     @field_validator("estimator")
     @classmethod
     def _registered(cls, value: str) -> str:
-        if value in BUILTIN_ESTIMATORS:
-            return value
-        from tspo.algo import ESTIMATORS  # user estimators register at import time
-
-        if value not in ESTIMATORS:
-            raise ValueError(f"unknown estimator {value!r}; known: {', '.join(sorted(ESTIMATORS))}")
-        return value
+        return check_estimator(value)
 
     def advantage_options(self) -> dict[str, Any]:
         """Keyword options for ``tspo.algo.compute_advantages``."""
@@ -252,6 +255,21 @@ class LoggingConfig(_Section):
         4, ge=0, description="Trajectories written to samples.jsonl each step."
     )
     progress: bool = Field(True, description="Show a progress bar with ETA.")
+    warn_no_signal_steps: int = Field(
+        5,
+        ge=0,
+        description="Warn when every group had zero learning signal for this many steps in a "
+        "row (0 = never).",
+    )
+    wandb: bool = Field(
+        False,
+        description="Also log to Weights & Biases (pip install 'tspo[wandb]'); WANDB_MODE=offline "
+        "writes the run under output_dir/wandb without a network.",
+    )
+    wandb_project: str = Field("tspo", description="Weights & Biases project name.")
+    wandb_run_name: str | None = Field(
+        None, description="Weights & Biases run name; defaults to the output folder's name."
+    )
 
 
 class EvalSection(_Section):
@@ -310,6 +328,64 @@ class TrainConfig(_Section):
             )
 
 
+def check_estimator(name: str) -> str:
+    """``name`` when it is a registered advantage estimator, else ValueError with the closest one.
+
+    User estimators register by importing ``tspo.algo`` (``register_estimator``); when nothing has
+    imported it yet, only the built-in names can be valid, so a typo fails without loading torch.
+    """
+    if name in BUILTIN_ESTIMATORS:
+        return name
+    known = list(BUILTIN_ESTIMATORS)
+    if "tspo.algo" in sys.modules:
+        from tspo.algo import ESTIMATORS
+
+        if name in ESTIMATORS:
+            return name
+        known = sorted(ESTIMATORS)
+    raise ValueError(
+        f"unknown estimator {name!r}; known: {', '.join(known)}{did_you_mean(name, known)}"
+    )
+
+
+def did_you_mean(name: str, choices: list[str] | tuple[str, ...]) -> str:
+    """``"; did you mean X?"`` for the closest of ``choices``, or ``""`` when none is close."""
+    close = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.6)
+    return f"; did you mean {close[0]}?" if close else ""
+
+
+def field_paths(model: type[BaseModel] | None = None, prefix: str = "") -> list[str]:
+    """Every leaf field of the config as ``section.field`` (``model.lora.r`` for nested ones)."""
+    paths: list[str] = []
+    for name, field in (model or TrainConfig).model_fields.items():
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            paths += field_paths(annotation, f"{prefix}{name}.")
+        else:
+            paths.append(f"{prefix}{name}")
+    return paths
+
+
+def suggest_field(name: str) -> str | None:
+    """The valid config field closest to a mistyped ``name`` (dotted), or None."""
+    paths = field_paths()
+    sections = sorted({path.split(".")[0] for path in paths})
+    leaf = name.rsplit(".", 1)[-1]
+    same_leaf = [path for path in paths if path.rsplit(".", 1)[-1] == leaf]
+    if len(same_leaf) == 1:  # the right field in the wrong (or no) section: steps -> train.steps
+        return same_leaf[0]
+    close = difflib.get_close_matches(name, paths + sections, n=1, cutoff=0.7)
+    if close:
+        return close[0]
+    by_leaf: dict[str, list[str]] = {}
+    for path in paths:
+        by_leaf.setdefault(path.rsplit(".", 1)[-1], []).append(path)
+    leaves = difflib.get_close_matches(leaf, list(by_leaf), n=1, cutoff=0.75)
+    if leaves and len(by_leaf[leaves[0]]) == 1:
+        return by_leaf[leaves[0]][0]
+    return None
+
+
 def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     """``["a.b=1", "a.c=x"]`` -> ``{"a": {"b": 1, "c": "x"}}``; values are parsed as YAML."""
     tree: dict[str, Any] = {}
@@ -352,7 +428,8 @@ def config_from_dict(raw: dict[str, Any], *, source: str = "config") -> TrainCon
         field = ".".join(str(part) for part in first["loc"]) or "<root>"
         message = first["msg"].removeprefix("Value error, ")
         if first["type"] == "extra_forbidden":
-            message = "unknown field"
+            guess = suggest_field(field)
+            message = "unknown field" + (f"; did you mean {guess}?" if guess else "")
         extra = f" ({err.error_count() - 1} more)" if err.error_count() > 1 else ""
         raise TSPOError(f"{source} field '{field}': {message}{extra}") from None
 
@@ -371,7 +448,58 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise TSPOError(f"config file {path} is not valid YAML: {err}") from None
         if loaded is not None and not isinstance(loaded, dict):
             raise TSPOError(f"config file {path}: the top level must be a mapping of sections")
-        raw = loaded or {}
+        raw = resolve_relative_paths(loaded or {}, path.parent)
         source = f"config {path.name}"
     raw = _merge(raw, parse_overrides(overrides or []))
     return config_from_dict(raw, source=source)
+
+
+# Fields holding paths; a config file's relative paths resolve against the file's folder.
+_PATH_FIELDS = (
+    ("data", "train_files"),
+    ("eval", "files"),
+    ("retriever", "index"),
+    ("retriever", "corpus"),
+    ("train", "output_dir"),
+    ("train", "resume"),
+)
+# Fields that hold a path or a name (an alias, a hub id): resolved only when clearly a path.
+_NAME_OR_PATH_FIELDS = (("model", "name"), ("model", "tokenizer"))
+
+
+def _against(folder: Path, value: str) -> str:
+    if os.path.isabs(value) or value.startswith("~"):
+        return value
+    return os.path.normpath(folder / value)
+
+
+def resolve_relative_paths(raw: dict[str, Any], folder: Path) -> dict[str, Any]:
+    """``raw`` (a config file's mapping) with relative paths joined to ``folder``.
+
+    ``train.resume: auto`` stays ``auto``; ``model.name`` and ``model.tokenizer`` change only when
+    they start with ``./`` or ``../`` or name something that exists under ``folder``, so aliases
+    and hub ids (``Qwen/Qwen2.5-3B-Instruct``) stay as they are. Values of the wrong type are left
+    for validation to report.
+    """
+    if folder == Path(".") or not isinstance(raw, dict):
+        return raw
+    resolved = {
+        key: dict(value) if isinstance(value, dict) else value for key, value in raw.items()
+    }
+    for section, name in _PATH_FIELDS:
+        node = resolved.get(section)
+        if not isinstance(node, dict) or name not in node:
+            continue
+        value = node[name]
+        if isinstance(value, str) and not (section == "train" and value == "auto"):
+            node[name] = _against(folder, value)
+        elif isinstance(value, list):
+            node[name] = [_against(folder, v) if isinstance(v, str) else v for v in value]
+    for section, name in _NAME_OR_PATH_FIELDS:
+        node = resolved.get(section)
+        value = node.get(name) if isinstance(node, dict) else None
+        if isinstance(value, str) and (
+            value.startswith(("./", "../")) or (folder / value).exists()
+        ):
+            node[name] = _against(folder, value)  # type: ignore[index]
+    return resolved

@@ -6,6 +6,7 @@ DESIGN.md §4 (rollout -> rewards -> advantages -> loss -> optimizer step -> dia
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,7 @@ from tspo.train.checkpoint import (
     resolve_resume,
     restore_rng_state,
     save_checkpoint,
+    warn,
 )
 from tspo.train.components import (
     Policy,
@@ -55,6 +57,145 @@ class TrainResult:
     final_step: int
     last_checkpoint: Path | None
     metrics: list[dict[str, Any]] = field(default_factory=list)
+
+
+class TrainInterrupted(KeyboardInterrupt):
+    """Ctrl-C during :func:`train`: how far the run got and where it can continue from."""
+
+    def __init__(self, output_dir: Path, step: int, steps: int, last_checkpoint: Path | None):
+        super().__init__(f"interrupted after step {step} of {steps}")
+        self.output_dir = output_dir
+        self.step = step
+        self.steps = steps
+        self.last_checkpoint = last_checkpoint
+
+    def describe(self, command: str) -> str:
+        """Three lines for the user: where the run stopped, what is saved, how to continue."""
+        if self.last_checkpoint is None:
+            saved = "no checkpoint yet: continuing starts over at step 1"
+        else:
+            saved = f"last checkpoint {self.last_checkpoint}"
+            checkpoint_step = _step_of_checkpoint(self.last_checkpoint)
+            if checkpoint_step is not None and checkpoint_step < self.step:
+                saved += f" (steps {checkpoint_step + 1}-{self.step} will run again)"
+        return (
+            f"interrupted: last completed step {self.step} of {self.steps}; {saved}\n"
+            f"continue with: {command}"
+        )
+
+
+def _step_of_checkpoint(folder: Path) -> int | None:
+    name = Path(folder).name
+    return int(name[5:]) if name.startswith("step-") and name[5:].isdigit() else None
+
+
+def say(message: str) -> None:
+    """One line of the run header on stderr."""
+    print(message, file=sys.stderr, flush=True)
+
+
+@dataclass
+class NoSignalWatch:
+    """Warns once when every group had zero learning signal for ``after`` steps in a row."""
+
+    after: int
+    in_a_row: int = 0
+
+    def after_step(self, step: int, metrics: dict[str, Any]) -> None:
+        silent = metrics.get("zero_signal_groups")
+        if not self.after or silent is None or silent < 1.0:
+            self.in_a_row = 0
+            return
+        self.in_a_row += 1
+        if self.in_a_row != self.after:
+            return
+        reward = float(metrics.get("reward_mean") or 0.0)
+        if reward <= 0.0:
+            cause = (
+                "no trajectory found and gave a right answer, so every group scored the same "
+                "and the policy gets no gradient from the reward. It needs a warm start that "
+                "already searches and answers sometimes (e.g. `tspo sft`, or an instruct model "
+                "with rollout.use_chat_template=true) or an easier task"
+            )
+        else:
+            cause = (
+                "within each group every trajectory scored the same (all right or all wrong), "
+                "so the reward gives no gradient. Try a harder task, a larger "
+                "rollout.group_size or a higher rollout.temperature"
+            )
+        warn(
+            f"steps {step - self.after + 1}-{step}: every group had zero learning signal "
+            f"(mean reward {reward:.3f}): {cause}"
+        )
+
+
+def _describe_retriever(config: TrainConfig) -> str:
+    source = config.retriever
+    if source.index:
+        return f"index {source.index}"
+    if source.url:
+        return f"server {source.url}"
+    return f"BM25 over {source.corpus} (built in memory)"
+
+
+def run_header(run: _Run, output_dir: Path, checkpoint_root: Path) -> None:
+    """What the run is about to do: model, size, device, dtype, data, and where files go."""
+    config = run.config
+    model = run.policy.model
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    device = run.policy.device
+    uses_bf16 = isinstance(autocast_context(device, config.train.bf16), torch.autocast)
+    size = f"{total / 1e6:.1f}M parameters" + (
+        f" ({trainable / 1e6:.2f}M trainable)" if trainable != total else ""
+    )
+    say(
+        f"model {config.model.name}: {size} on {device}, {config.model.dtype} weights"
+        + (", bf16 autocast" if uses_bf16 else "")
+    )
+    files = ", ".join(config.data.train_files)
+    say(
+        f"data: {len(run.sampler.items)} questions from {files}; "
+        f"retriever: {_describe_retriever(config)}"
+    )
+    say(
+        f"output: {output_dir} (metrics.jsonl, samples.jsonl); checkpoints: {checkpoint_root} "
+        f"every {config.checkpoint.every} steps and at step {config.train.steps}, "
+        f"keeping {config.checkpoint.keep_last}"
+    )
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(tree, dict):
+        return {prefix.rstrip("."): tree}
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        flat.update(_flatten(value, f"{prefix}{key}."))
+    return flat
+
+
+# Fields that may change on resume without a warning: how long to run, how to show progress.
+RESUME_FREE_FIELDS = ("train.steps", "train.resume", "retriever.token", "logging.progress")
+
+
+def config_changes(config: TrainConfig, checkpoint: Path) -> list[str]:
+    """``field (saved -> now)`` for every field that differs from the checkpoint's config."""
+    import yaml
+
+    try:
+        saved = yaml.safe_load((checkpoint / "config.yaml").read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return []
+    if not isinstance(saved, dict):
+        return []
+    before = _flatten(saved)
+    now = _flatten(config.model_dump(mode="json"))
+    changes = []
+    for name in sorted(set(before) | set(now)):
+        if name in RESUME_FREE_FIELDS or before.get(name) == now.get(name):
+            continue
+        changes.append(f"{name} ({before.get(name)!r} -> {now.get(name)!r})")
+    return changes
 
 
 @dataclass
@@ -93,8 +234,16 @@ class _Run:
 
 
 def train(config: TrainConfig) -> TrainResult:
-    """Train the policy for ``config.train.steps`` steps (continuing a checkpoint if asked to)."""
-    config.check_runnable()
+    """Train the policy for ``config.train.steps`` steps (continuing a checkpoint if asked to).
+
+    Prints a short header to stderr (model, size, device, data, output). Ctrl-C raises
+    :class:`TrainInterrupted` (a ``KeyboardInterrupt``) naming the last step and checkpoint.
+    """
+    from tspo import preflight
+    from tspo.models.loading import resolve_device
+
+    preflight.train_config(config)  # files, model name, device, output folder: before any load
+    resolve_device(config.model.device)
     output_dir = Path(config.train.output_dir)
     checkpoint_root = output_dir / CHECKPOINT_DIR
     refuse_existing_run(output_dir, checkpoint_root, config.train.resume)
@@ -102,13 +251,25 @@ def train(config: TrainConfig) -> TrainResult:
     set_seed(config.train.seed)
 
     run, start_step = _build_run(config, resume_from)
+    run_header(run, output_dir, checkpoint_root)
+    if resume_from is not None:
+        say(f"resuming from step {start_step} (checkpoint {resume_from})")
+        changes = config_changes(config, resume_from)
+        if changes:
+            warn(f"the config differs from the checkpoint's: {'; '.join(changes)}")
     output_dir.mkdir(parents=True, exist_ok=True)
     config_yaml = config_yaml_for_disk(config)  # without the retriever token
     (output_dir / "config.yaml").write_text(config_yaml, encoding="utf-8")
-    log = RunLog(output_dir, tensorboard=config.logging.tensorboard, resume_step=start_step)
+    log = RunLog(
+        output_dir,
+        tensorboard=config.logging.tensorboard,
+        resume_step=start_step,
+        wandb=_wandb_settings(config),
+    )
     result = TrainResult(output_dir, start_step, resume_from)
     validation = _validation_examples(config)
     skipped = SkippedSteps(config.train.max_skipped_steps)
+    no_signal = NoSignalWatch(config.logging.warn_no_signal_steps)
 
     try:
         if validation and start_step == 0:
@@ -119,6 +280,7 @@ def train(config: TrainConfig) -> TrainResult:
                 metrics, samples = run_step(run, step)
                 log.log_step(metrics, samples)
                 skipped.after_step(step, metrics, run.policy.model)
+                no_signal.after_step(step, metrics)
                 if validation and (step % config.eval.every == 0 or step == config.train.steps):
                     log.log_validation(validate(run, validation, step))
                 result.metrics.append(metrics)
@@ -137,10 +299,26 @@ def train(config: TrainConfig) -> TrainResult:
                     advance=1,
                     description=f"training (reward {metrics['reward_mean']:.3f})",
                 )
+    except KeyboardInterrupt:
+        raise TrainInterrupted(
+            output_dir, result.final_step, config.train.steps, result.last_checkpoint
+        ) from None
     finally:
         log.close()
         run.engine.retriever.close()
     return result
+
+
+def _wandb_settings(config: TrainConfig) -> dict[str, Any] | None:
+    if not config.logging.wandb:
+        return None
+    import yaml
+
+    return {
+        "project": config.logging.wandb_project,
+        "name": config.logging.wandb_run_name,
+        "config": yaml.safe_load(config_yaml_for_disk(config)),  # without the retriever token
+    }
 
 
 def _validation_examples(config: TrainConfig) -> list[Any]:
@@ -331,6 +509,7 @@ def run_step(run: _Run, step: int) -> tuple[dict[str, Any], list[dict[str, Any]]
         "generated_tokens": generated_tokens,
         "rollout_tokens_per_s": generated_tokens / max(rollout_seconds, 1e-9),
         "update_tokens_per_s": loss_metrics["update_tokens"] / max(update_seconds, 1e-9),
+        "peak_cuda_mb": None,  # written as null when CUDA is not used
         **peak_memory_mb(),
     }
     samples = trajectory_samples(rollout, advantages, step, config.logging.samples_per_step)

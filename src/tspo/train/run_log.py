@@ -1,4 +1,6 @@
-"""What a run writes while it trains: ``metrics.jsonl``, ``samples.jsonl`` and TensorBoard scalars.
+"""What a run writes while it trains: ``metrics.jsonl``, ``samples.jsonl``, and optionally
+TensorBoard scalars and a Weights & Biases run (``logging.wandb``; ``WANDB_MODE=offline`` keeps it
+on disk under ``<output_dir>/wandb``; a resumed run continues the same W&B run).
 
 One JSON object per line and per step, appended and flushed at once, so a crashed run keeps every
 step it finished. On resume, lines of steps after the checkpoint are dropped first, so the files
@@ -20,6 +22,38 @@ from tspo.rollout.batch import RolloutBatch
 METRICS_FILE = "metrics.jsonl"
 SAMPLES_FILE = "samples.jsonl"
 VALIDATION_FILE = "validation.jsonl"
+WANDB_ID_FILE = "wandb_run_id.txt"
+
+
+def start_wandb(
+    output_dir: Path, *, project: str, name: str | None, config: dict[str, Any], resume: bool
+) -> Any:
+    """A Weights & Biases run writing under ``output_dir/wandb``; resumed when the run resumes."""
+    try:
+        import wandb
+    except ImportError:
+        raise TSPOError(
+            "config field 'logging.wandb': Weights & Biases is not installed; "
+            "pip install 'tspo[wandb]'"
+        ) from None
+    id_file = output_dir / WANDB_ID_FILE
+    run_id = id_file.read_text(encoding="utf-8").strip() if resume and id_file.is_file() else None
+    try:
+        run = wandb.init(
+            project=project,
+            name=name or output_dir.name,
+            dir=str(output_dir),
+            config=config,
+            id=run_id,
+            resume="allow" if run_id else None,
+        )
+    except Exception as err:  # noqa: BLE001 - wandb raises many types; the user needs one line
+        raise TSPOError(
+            f"Weights & Biases did not start: {' '.join(str(err).split())} "
+            "(set WANDB_MODE=offline to log without a network)"
+        ) from None
+    id_file.write_text(run.id, encoding="utf-8")
+    return run
 
 
 def rollout_statistics(batch: RolloutBatch) -> dict[str, float]:
@@ -98,7 +132,15 @@ def truncate_after_step(path: Path, step: int) -> None:
 class RunLog:
     """Appends metrics and samples as JSONL under ``output_dir``; mirrors scalars to TensorBoard."""
 
-    def __init__(self, output_dir: str | Path, *, tensorboard: bool = False, resume_step: int = 0):
+    def __init__(
+        self,
+        output_dir: str | Path,
+        *,
+        tensorboard: bool = False,
+        resume_step: int = 0,
+        wandb: dict[str, Any] | None = None,
+    ):
+        """``wandb``: :func:`start_wandb`'s ``project``, ``name`` and ``config``, or None."""
         self.output_dir = Path(output_dir)
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self.metrics_path = self.output_dir / METRICS_FILE
@@ -114,6 +156,9 @@ class RunLog:
             from torch.utils.tensorboard import SummaryWriter
 
             self._writer = SummaryWriter(log_dir=str(self.output_dir / "tensorboard"))
+        self._wandb = None
+        if wandb is not None:
+            self._wandb = start_wandb(self.output_dir, resume=bool(resume_step), **wandb)
 
     @staticmethod
     def _append(path: Path, records: list[dict[str, Any]]) -> None:
@@ -135,6 +180,13 @@ class RunLog:
                 if isinstance(value, int | float) and name != "step" and math.isfinite(value):
                     self._writer.add_scalar(name, value, step)
             self._writer.flush()
+        if self._wandb is not None:
+            scalars = {
+                name: value
+                for name, value in metrics.items()
+                if isinstance(value, int | float) and name != "step" and math.isfinite(value)
+            }
+            self._wandb.log(scalars, step=int(metrics["step"]))
 
     def log_validation(self, record: dict[str, Any]) -> None:
         """One validation result (``step`` plus greedy scores) to ``validation.jsonl``."""
@@ -143,8 +195,15 @@ class RunLog:
             for name in ("em", "f1", "answered", "invalid_rate"):
                 self._writer.add_scalar(f"val_{name}", record[name], int(record["step"]))
             self._writer.flush()
+        if self._wandb is not None:
+            names = ("em", "f1", "answered", "invalid_rate")
+            scalars = {f"val_{name}": record[name] for name in names if name in record}
+            self._wandb.log(scalars, step=int(record["step"]))
 
     def close(self) -> None:
         if self._writer is not None:
             self._writer.close()
             self._writer = None
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None
