@@ -5,6 +5,7 @@ Heavy imports (torch, transformers) happen inside the commands so `tspo --help` 
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -23,6 +24,11 @@ def _quiet_transformers() -> None:
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
+
+
+def _say(message: str) -> None:
+    """Plain lines on stderr: no markup (paths hold brackets), no wrapping."""
+    print(message, file=sys.stderr, flush=True)
 
 
 THREADS_HELP = (
@@ -70,11 +76,10 @@ def train_command(
         overrides = [*(overrides or []), f"train.resume={resume}"]
     settings = load_config(config, overrides)
     preflight.train_config(settings)
-    console.print(
+    _say(
         f"tspo train: config {config if config else '(defaults)'}, seed {settings.train.seed}, "
         f"estimator {settings.algo.estimator}, {settings.train.steps} steps; loading "
-        f"{settings.model.name}…",
-        highlight=False,
+        f"{settings.model.name}…"
     )
     from tspo.utils import request_threads
 
@@ -85,7 +90,7 @@ def train_command(
     try:
         result = train(settings)
     except TrainInterrupted as stop:
-        console.print(stop.describe(continue_command(config, overrides)), highlight=False)
+        _say(stop.describe(continue_command(config, overrides)))
         raise typer.Exit(130) from None
     console.print(
         f"trained to step {result.final_step}; metrics in {result.output_dir / 'metrics.jsonl'}"
@@ -162,7 +167,7 @@ def eval_command(
         preflight.output_dir(out, "--out")
     if dtype not in ("float32", "bfloat16", "float16"):
         raise TSPOError(f"--dtype {dtype!r}: expected float32, bfloat16 or float16")
-    console.print(f"tspo eval: loading {model}…", highlight=False)
+    _say(f"tspo eval: loading {model}…")
     from tspo.utils import request_threads
 
     request_threads(threads)
