@@ -107,7 +107,7 @@ def index_dir(path: str | Path, label: str) -> None:
     if not (path / "manifest.json").is_file():
         raise TSPOError(
             f"{label}: {path} is not an index folder (no manifest.json); build one with "
-            "`tspo index build`"
+            "tspo index build"
         )
     try:
         read_manifest(path)

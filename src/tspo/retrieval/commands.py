@@ -113,8 +113,10 @@ def serve_command(
     ),
 ) -> None:
     """Serve an index over HTTP: Search-R1's POST /retrieve, plus GET /health."""
+    from tspo import preflight
     from tspo.retrieval.server import serve
 
+    preflight.index_dir(index, "--index")
     if not _is_loopback(host) and not token:
         typer.echo(
             f"warning: serving on {host} without a token; anyone who can reach it can query it",
