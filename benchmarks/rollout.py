@@ -1,4 +1,4 @@
-"""Benchmark: multi-turn rollout throughput (DESIGN.md §6, issue 4 §5).
+"""Benchmark: multi-turn rollout throughput (docs/benchmarks.md, the rollout row).
 
 Generated tokens per second of three ways to produce the same number of tokens with the same model
 and batch, in one run:

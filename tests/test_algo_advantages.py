@@ -130,7 +130,7 @@ def loop_zscore(values: dict[int, float], groups: dict[int, list[int]], eps: flo
 
 
 def loop_advantages(name, batch, *, alpha=0.5, lam=1.0, eps=1e-6, per_turn_norm=False):
-    """A plain-Python reading of DESIGN.md §3, one trajectory and one token at a time."""
+    """A plain-Python reading of docs/algorithm.md §4, one trajectory and one token at a time."""
     outcome = batch["outcome"].tolist()
     k_star = batch["first_hit_turn"].tolist()
     turn_ids = batch["turn_ids"].tolist()

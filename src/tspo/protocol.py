@@ -1,4 +1,6 @@
-"""The search-agent protocol (DESIGN.md §2): prompt, tag parsing, observation formatting. No I/O.
+"""The search-agent protocol: prompt, tag parsing, observation formatting. No I/O.
+
+The protocol itself (Search-R1's) is described in docs/algorithm.md §1.
 
 Every parser here is linear in the length of its input: it uses ``str.find``/``str.rfind`` only, so
 hostile text (unclosed or nested tags, megabytes of output) cannot blow up into quadratic work.
@@ -26,7 +28,7 @@ PROTOCOL_TAGS = (
     INFO_OPEN,
     INFO_CLOSE,
 )
-# A turn ends right after the first of these (DESIGN.md §2).
+# A turn ends right after the first of these (docs/algorithm.md §1).
 STOP_STRINGS = (SEARCH_CLOSE, ANSWER_CLOSE)
 
 PROMPT_TEMPLATE = (
@@ -195,7 +197,7 @@ def format_documents(docs: Sequence[tuple[str, str]], special_tokens: Iterable[s
 
 
 def wrap_information(observation: str) -> str:
-    """The block the environment appends after a search (DESIGN.md §2)."""
+    """The block the environment appends after a search (docs/algorithm.md §1)."""
     return f"\n\n{INFO_OPEN}{observation.strip()}{INFO_CLOSE}\n\n"
 
 

@@ -1,13 +1,14 @@
-"""Advantage estimators (DESIGN.md §3): a registry of pure, vectorised tensor functions.
+"""Advantage estimators (docs/algorithm.md §4): a registry of pure, vectorised tensor functions.
 
 Estimators work at turn level. Each one maps per-trajectory facts (outcome R, first-hit turn k*,
 group) to a (B, K) table holding one advantage per trajectory and turn; :func:`compute_advantages`
 broadcasts the table onto the (B, T) response tokens through ``turn_ids`` and leaves exactly 0 on
 every token outside the loss.
 
-Group statistics follow veRL's ``grpo`` estimator: ``(x - mean) / (std + eps)`` with the unbiased
-standard deviation, and a single-member group is left un-normalised (mean 0, std 1). On top of
-that, a group of two or more whose values are all equal yields exactly 0, never a rounding residue.
+Group statistics follow veRL's ``grpo`` estimator (GRPO: DeepSeekMath, arXiv 2402.03300):
+``(x - mean) / (std + eps)`` with the unbiased standard deviation, and a single-member group is
+left un-normalised (mean 0, std 1). On top of that, a group of two or more whose values are all
+equal yields exactly 0, never a rounding residue.
 """
 
 from __future__ import annotations
@@ -159,6 +160,11 @@ def tspo_switch(batch: TurnBatch, *, lam: float = DEFAULT_LAM, eps: float = DEFA
     folr_term = lam * batch.every_turn(batch.zscore(batch.hit, eps)) * batch.stage1()
     mixed = batch.group_is_mixed(batch.outcome).unsqueeze(1)
     return torch.where(mixed, outcome_term, folr_term)
+
+
+# The names registered above, read off the registry before any user estimator joins it.
+# ``tspo.train.config`` keeps a torch-free copy for checking names early; a test keeps them equal.
+BUILTIN_ESTIMATORS: tuple[str, ...] = tuple(ESTIMATORS)
 
 
 def turn_presence(turn_ids: Tensor, num_turns: int) -> Tensor:

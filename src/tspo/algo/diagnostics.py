@@ -1,4 +1,4 @@
-"""Per-step diagnostics that make the paper's two claims measurable (DESIGN.md §1, §3).
+"""Per-step diagnostics that make the paper's two claims measurable (docs/algorithm.md §6).
 
 FOLR should (a) credit trajectories whose search surfaced the answer even when the final answer was
 wrong (near misses) and (b) leave fewer GRPO groups with zero learning signal. Everything here is

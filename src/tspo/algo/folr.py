@@ -1,8 +1,8 @@
 """First-Occurrence Latent Reward (FOLR): the turn at which a gold answer first surfaces.
 
-DESIGN.md §3. Matching is on whole words after SQuAD normalisation, and three guards drop aliases
-whose appearance says nothing about the search: aliases that occur in the question, aliases shorter
-than ``min_answer_chars`` after normalisation, and yes/no answers.
+docs/algorithm.md §3. Matching is on whole words after SQuAD normalisation, and three guards drop
+aliases whose appearance says nothing about the search: aliases that occur in the question,
+aliases shorter than ``min_answer_chars`` after normalisation, and yes/no answers.
 
 SQuAD normalisation deletes punctuation, which glues words together in running text
 ("<think>So Paris?" becomes "thinkso paris", "Paris/London" becomes "parislondon"). Protocol tags

@@ -1,5 +1,8 @@
 """PPO clipped surrogate with a KL penalty to a frozen reference and an optional entropy bonus.
 
+docs/algorithm.md §5. The clipped surrogate is PPO's (arXiv 1707.06347), the dual clip is from
+Dual-Clip PPO (arXiv 1912.09729), and the ``low_var_kl`` estimate is k3 from J. Schulman,
+"Approximating KL Divergence" (joschu.net/blog/kl-approx.html), as used by GRPO (arXiv 2402.03300).
 The formulas follow veRL 0.9.1's ``compute_policy_loss_vanilla`` (dual-clip included),
 ``kl_penalty`` and ``agg_loss`` so that numbers are comparable across the two trainers. Every term
 is masked by ``loss_mask``: prompt, ``<information>`` blocks, corrective messages and padding

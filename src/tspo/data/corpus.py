@@ -1,6 +1,6 @@
 """Retrieval corpora in the Search-R1/FlashRAG jsonl form: one ``{"id", "contents"}`` per line.
 
-``contents`` is ``"Title\\ntext"``: the first line is the title (DESIGN.md §2).
+``contents`` is ``"Title\\ntext"``: the first line is the title (docs/data.md).
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ class Hit:
 
     @property
     def contents(self) -> str:
-        """The corpus form: ``"Title\\ntext"`` (DESIGN.md §2)."""
+        """The corpus form: ``"Title\\ntext"`` (docs/data.md, corpus jsonl)."""
         return f"{self.title}\n{self.text}"
 
 

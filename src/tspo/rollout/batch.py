@@ -1,4 +1,7 @@
-"""`RolloutBatch`: what a rollout hands to rewards, advantages and the loss (DESIGN.md §4)."""
+"""`RolloutBatch`: what a rollout hands to rewards, advantages and the loss.
+
+Where it sits in one RL step: docs/architecture.md, "One RL step".
+"""
 
 from __future__ import annotations
 

@@ -1,12 +1,14 @@
-"""`RolloutConfig`: every knob of a multi-turn rollout, with the defaults of DESIGN.md §2."""
+"""`RolloutConfig`: every knob of a multi-turn rollout (the protocol: docs/algorithm.md §1).
+
+The trainer's ``rollout`` and ``algo`` config sections carry the same defaults; a test
+(tests/test_settings_agree.py) fails when the copies drift."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from tspo.algo.folr import DETECT_IN
 from tspo.errors import TSPOError
-
-DETECT_IN = ("retrieved", "generated", "both")
 
 
 @dataclass

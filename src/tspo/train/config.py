@@ -120,7 +120,7 @@ class RetrieverConfig(_Section):
 
 
 class RolloutSection(_Section):
-    """Multi-turn sampling (DESIGN.md §2)."""
+    """Multi-turn sampling (the protocol: docs/algorithm.md §1)."""
 
     group_size: int = Field(5, ge=1, description="Trajectories per question (the GRPO group n).")
     max_turns: int = Field(4, ge=1, description="Search turns before the forced answer turn.")
@@ -136,7 +136,7 @@ class RolloutSection(_Section):
 
 
 class AlgoConfig(_Section):
-    """Rewards, advantages and the loss (DESIGN.md §3)."""
+    """Rewards, advantages and the loss (docs/algorithm.md §2-§5)."""
 
     estimator: str = Field("tspo", description="Advantage estimator from tspo.algo.ESTIMATORS.")
     alpha: float = Field(0.5, ge=0, description="FOLR partial reward at the first-hit turn.")

@@ -1,7 +1,8 @@
 """The training loop: rollout groups, score, compute advantages, run PPO against a frozen reference.
 
 Read :func:`train` top to bottom; each numbered step of :func:`run_step` is one stage of
-DESIGN.md §4 (rollout -> rewards -> advantages -> loss -> optimizer step -> diagnostics).
+docs/training.md, "One step, in order" (rollout -> rewards -> advantages -> loss -> optimizer
+step -> diagnostics).
 """
 
 from __future__ import annotations
@@ -488,7 +489,7 @@ def run_step(run: _Run, step: int) -> tuple[dict[str, Any], list[dict[str, Any]]
     now = time.perf_counter()
     update_seconds = now - update_start
 
-    # 5. Diagnostics (DESIGN.md §3) and cost.
+    # 5. Diagnostics (docs/algorithm.md §6) and cost.
     generated_tokens = int(rollout.loss_mask.sum())
     metrics: dict[str, Any] = {
         "step": step,

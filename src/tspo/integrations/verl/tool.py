@@ -1,4 +1,4 @@
-"""Search for veRL's tool agent loop, speaking the Search-R1 protocol (DESIGN.md §2).
+"""Search for veRL's tool agent loop, speaking the Search-R1 protocol (docs/algorithm.md §1).
 
 Two pieces, wired together by ``examples/verl/search_tool.py``:
 
