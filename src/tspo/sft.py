@@ -3,13 +3,14 @@
 An episode is a question, the text the agent generated each turn and the observation each search
 returned. It is tokenised segment by segment, the way a rollout builds its sequence: the prompt,
 then per turn the generated text (loss mask 1) and the ``<information>`` block (loss mask 0).
-Prompt, observations and padding never enter the loss (DESIGN.md §2), so SFT teaches the policy what
-to write, never to predict what the retriever returns."""
+Prompt, observations and padding never enter the loss (docs/algorithm.md §1), so SFT teaches the
+policy what to write, never to predict what the retriever returns."""
 
 from __future__ import annotations
 
 import math
 import random
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -110,6 +111,36 @@ def masked_lm_loss(logits: Any, input_ids: Any, loss_mask: Any) -> Any:
     return (per_token * weights).sum() / weights.sum().clamp(min=1.0)
 
 
+# Architectures whose logits are exactly ``lm_head(last_hidden_state)`` (no soft-capping or
+# scaling): for them the loss projects only the hidden states of loss positions onto the
+# vocabulary, which skips most of the largest matrix product and the (B, L, V) logits tensor.
+PLAIN_HEAD_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
+
+
+def model_loss(model: Any, batch: dict[str, Any]) -> Any:
+    """:func:`masked_lm_loss` of ``model`` on a :func:`collate` batch.
+
+    For a plain-head architecture (:data:`PLAIN_HEAD_MODEL_TYPES`, SmolLM2 and Qwen among them)
+    only the positions that predict a loss token reach the output layer: the same value (tested)
+    at a fraction of the cost when, as in search episodes, most tokens are prompt and
+    observations. Other models go through their full forward pass.
+    """
+    import torch.nn.functional as F
+
+    input_ids, weights_all = batch["input_ids"], batch["loss_mask"]
+    config = getattr(model, "config", None)
+    decoder = getattr(model, "get_decoder", None)
+    if getattr(config, "model_type", None) not in PLAIN_HEAD_MODEL_TYPES or decoder is None:
+        logits = model(input_ids=input_ids, attention_mask=batch["attention_mask"]).logits
+        return masked_lm_loss(logits, input_ids, weights_all)
+    hidden = decoder()(input_ids=input_ids, attention_mask=batch["attention_mask"])[0]
+    weights = weights_all[:, 1:]
+    chosen = weights > 0
+    logits = model.get_output_embeddings()(hidden[:, :-1][chosen])
+    per_token = F.cross_entropy(logits.float(), input_ids[:, 1:][chosen], reduction="none")
+    return (per_token * weights[chosen]).sum() / weights.sum().clamp(min=1.0)
+
+
 def _lr_factor(step: int, total: int, warmup: int) -> float:
     """Linear warm-up, then cosine decay to 10% of the peak."""
     if step < warmup:
@@ -159,10 +190,7 @@ def train_sft(
             batch = collate([examples[i] for i in batch_rows], pad_id)
             batch = {name: tensor.to(device) for name, tensor in batch.items()}
             with autocast_context(device, config.bf16):
-                logits = model(
-                    input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
-                ).logits
-            loss = masked_lm_loss(logits, batch["input_ids"], batch["loss_mask"])
+                loss = model_loss(model, batch)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
@@ -175,14 +203,278 @@ def train_sft(
     return losses
 
 
-def save_policy(model: Any, tokenizer: Any, out_dir: str | Path) -> Path:
+def save_policy(
+    model: Any, tokenizer: Any, out_dir: str | Path, *, info: dict[str, Any] | None = None
+) -> Path:
     """Save model and tokenizer in Hugging Face format, atomically (temporary folder, rename).
 
     ``AutoModelForCausalLM.from_pretrained(out_dir)`` and ``AutoTokenizer.from_pretrained(out_dir)``
-    load the result.
+    load the result. ``info`` goes into the folder as ``tspo_sft.json`` (written before the rename,
+    so its presence means the folder is complete).
     """
+    from tspo.utils import write_json
+
     out = Path(out_dir)
     with atomic_directory(out) as staging:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
+        if info is not None:
+            write_json(staging / SFT_INFO_FILE, info)
     return out
+
+
+SFT_INFO_FILE = "tspo_sft.json"
+
+
+def sft_info(model_dir: str | Path) -> dict[str, Any] | None:
+    """What ``tspo sft`` recorded in a folder it wrote (``tspo_sft.json``), else None."""
+    import json
+
+    path = Path(model_dir) / SFT_INFO_FILE
+    if not path.is_file():
+        return None
+    try:
+        loaded = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError:
+        return None
+    return loaded if isinstance(loaded, dict) else None
+
+
+def wants_chat_template(tokenizer: Any, requested: bool | None) -> bool:
+    """``requested`` when given; else True exactly when the tokenizer has a chat template (an
+    instruct model). Asking for a template the tokenizer lacks is a user error."""
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    if requested and not has_template:
+        raise TSPOError("--chat-template: this tokenizer has no chat template")
+    return has_template if requested is None else requested
+
+
+def fine_tune_causal_lm(
+    base: str,
+    episodes: Sequence[Any],
+    config: SFTConfig,
+    out_dir: str | Path,
+    *,
+    device: str = "auto",
+    lora: bool = False,
+    info: dict[str, Any] | None = None,
+    show_progress: bool = True,
+) -> dict[str, Any]:
+    """SFT of any Hugging Face causal LM (folder, offline hub id or alias) on expert episodes.
+
+    ``episodes`` have ``example.question``, ``generated`` and ``observations`` (the experts'
+    ``ExpertTrajectory``). Full fine-tuning by default; ``lora`` trains rank-16 adapters on the
+    attention projections and merges them, so the output is a plain model folder either way.
+    Weights stay float32; ``config.bf16`` sets bf16 autocast (``auto``: where the hardware has
+    it). A progress bar with ETA goes to stderr. Returns what was recorded in ``tspo_sft.json``.
+    """
+    import time
+
+    from tspo.models.loading import load_policy
+    from tspo.utils import apply_thread_policy, progress_bar, set_seed
+
+    if not episodes:
+        raise TSPOError("SFT needs at least one expert episode")
+    set_seed(config.seed)
+    model, tokenizer = load_policy(base, device=device)
+    model_device = next(model.parameters()).device
+    if model_device.type == "cpu":
+        apply_thread_policy()
+    if lora:
+        model = _with_lora(model)
+    examples = [
+        encode_episode(
+            tokenizer,
+            episode.example.question,
+            episode.generated,
+            episode.observations,
+            max_obs_tokens=config.max_obs_tokens,
+            use_chat_template=config.use_chat_template,
+        )
+        for episode in episodes
+    ]
+    started = time.perf_counter()
+    log_lines = LogLines("SFT", enabled=show_progress)
+    with progress_bar(disable=not show_progress, stderr=True) as progress:
+        task = progress.add_task("SFT", total=None)
+
+        def on_step(step: int, total: int, loss: float) -> None:
+            progress.update(task, completed=step, total=total, description=f"SFT (loss {loss:.3f})")
+            log_lines.update(step, total, f"loss {loss:.3f}")
+
+        losses = train_sft(model, examples, config, pad_id=tokenizer.pad_token_id, on_step=on_step)
+    seconds = time.perf_counter() - started
+    if lora:
+        model = model.merge_and_unload()
+    tokens = sum(len(e.input_ids) for e in examples)
+    record = {
+        **(info or {}),
+        "base": base,
+        "episodes": len(examples),
+        "lora": lora,
+        "use_chat_template": config.use_chat_template,
+        "max_obs_tokens": config.max_obs_tokens,
+        "epochs": config.epochs,
+        "batch_size": config.batch_size,
+        "lr": config.lr,
+        "bf16": _bf16_used(model_device, config.bf16),
+        "seed": config.seed,
+        "steps": len(losses),
+        "tokens_per_epoch": tokens,
+        "loss_tokens_per_epoch": sum(sum(e.loss_mask) for e in examples),
+        "loss_first": losses[0],
+        "loss_last": sum(losses[-10:]) / len(losses[-10:]),
+        "losses": [round(loss, 4) for loss in losses],
+        "train_seconds": round(seconds, 1),
+    }
+    save_policy(model, tokenizer, out_dir, info=record)
+    return record
+
+
+class LogLines:
+    """Progress as plain stderr lines (done/total, elapsed, ETA) every ``every`` seconds, for when
+    stderr is not a terminal (``nohup … > log``), where a live progress bar shows nothing."""
+
+    def __init__(self, label: str, *, enabled: bool = True, every: float = 30.0) -> None:
+        import sys
+        import time
+
+        self.label = label
+        self.enabled = enabled and not sys.stderr.isatty()
+        self.every = every
+        self.started = self.last = time.monotonic()
+
+    def update(self, done: int, total: int | None, note: str = "") -> None:
+        import sys
+        import time
+
+        now = time.monotonic()
+        if not self.enabled or (now - self.last < self.every and done != total):
+            return
+        self.last = now
+        elapsed = now - self.started
+        eta = elapsed / done * (total - done) if total and done else None
+        parts = [f"{self.label} {done}/{total if total is not None else '?'}", note]
+        parts.append(f"elapsed {_clock(elapsed)}")
+        if eta is not None:
+            parts.append(f"ETA {_clock(eta)}")
+        print(", ".join(part for part in parts if part), file=sys.stderr, flush=True)
+
+
+def _clock(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}"
+
+
+def _bf16_used(device: Any, bf16: bool | str) -> bool:
+    from contextlib import nullcontext
+
+    from tspo.train.forward import autocast_context
+
+    return not isinstance(autocast_context(device, bf16), nullcontext)
+
+
+def _with_lora(model: Any) -> Any:
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        raise TSPOError("--lora needs the peft package (pip install peft)") from None
+    config = LoraConfig(
+        r=16, lora_alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]
+    )
+    return get_peft_model(model, config)
+
+
+def wiki_sft(
+    data_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    base: str,
+    episodes: int,
+    config: SFTConfig,
+    use_chat_template: bool | None = None,
+    topk: int = 3,
+    index: str | Path | None = None,
+    device: str = "auto",
+    lora: bool = False,
+    show_progress: bool = True,
+    log: Callable[[str], None] = lambda line: None,
+) -> dict[str, Any]:
+    """SFT of any causal LM on expert episodes for the ``tspo data wiki`` training questions.
+
+    The expert (:func:`tspo.data.wiki_expert.run_wiki_expert`) plays training questions in file
+    order through BM25 over ``DATA/corpus.jsonl`` (or ``index``) with ``topk`` documents and
+    ``config.max_obs_tokens`` tokens per observation, until it has ``episodes`` episodes; the
+    questions it cannot answer are skipped and counted. ``use_chat_template=None`` uses the
+    tokenizer's chat template when it has one. Writes the model folder with ``tspo_sft.json``.
+    """
+    from dataclasses import replace
+
+    from tspo.data.qa import read_qa
+    from tspo.data.wiki_expert import run_wiki_expert
+    from tspo.models.loading import load_tokenizer
+    from tspo.train.components import open_retriever
+
+    data_dir = Path(data_dir)
+    train_file = data_dir / "train.jsonl"
+    if not train_file.is_file():
+        raise TSPOError(f"--data {data_dir}: no train.jsonl; run `tspo data wiki --out {data_dir}`")
+    if episodes < 1:
+        raise TSPOError("--episodes must be at least 1")
+    corpus = data_dir / "corpus.jsonl"
+    if index is None and not corpus.is_file():
+        raise TSPOError(f"--data {data_dir}: no corpus.jsonl (or pass --index)")
+    questions = read_qa(train_file)
+    tokenizer = load_tokenizer(base)
+    chat = wants_chat_template(tokenizer, use_chat_template)
+    config = replace(config, use_chat_template=chat)
+    with open_retriever(
+        index=str(index) if index else None, corpus=None if index else str(corpus)
+    ) as retriever:
+        played, solved, skipped = 0, [], {}
+        while len(solved) < episodes and played < len(questions):
+            # Play about as many more questions as episodes are missing (plus a margin for skips).
+            chunk = questions[played : played + max(64, int((episodes - len(solved)) * 1.25))]
+            result = run_wiki_expert(
+                chunk,
+                retriever,
+                tokenizer=tokenizer,
+                topk=topk,
+                max_obs_tokens=config.max_obs_tokens,
+            )
+            played += len(chunk)
+            solved += result.episodes
+            skipped.update(result.skipped)
+    if len(solved) > episodes:  # the questions after the last kept episode count as unplayed
+        solved = solved[:episodes]
+        last = solved[-1].example.id
+        played = next(i for i, q in enumerate(questions) if q.id == last) + 1
+    reasons = Counter(skipped[q.id] for q in questions[:played] if q.id in skipped)
+    by_kind = Counter(e.example.metadata.get("kind", "?") for e in solved)
+    played_kind = Counter(q.metadata.get("kind", "?") for q in questions[:played])
+    log(
+        f"expert: {len(solved)} episodes from {played} training questions ("
+        + ", ".join(f"{kind} {by_kind[kind]}/{played_kind[kind]}" for kind in sorted(played_kind))
+        + f"); skipped {played - len(solved)}"
+        + "".join(f"; {reason}: {count}" for reason, count in reasons.most_common())
+    )
+    info = {
+        "data": str(data_dir),
+        "questions_played": played,
+        "episodes_by_kind": dict(by_kind),
+        "questions_by_kind": dict(played_kind),
+        "skipped": played - len(solved),
+        "skip_reasons": dict(reasons),
+        "topk": topk,
+    }
+    return fine_tune_causal_lm(
+        base,
+        solved,
+        config,
+        out_dir,
+        device=device,
+        lora=lora,
+        info=info,
+        show_progress=show_progress,
+    )

@@ -201,8 +201,13 @@ def write_json(path: str | Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
 
 
-def progress_bar(*, transient: bool = False, disable: bool = False) -> Progress:
-    """The project's rich progress bar: description, bar, done/total, elapsed, ETA."""
+def progress_bar(
+    *, transient: bool = False, disable: bool = False, stderr: bool = False
+) -> Progress:
+    """The project's rich progress bar: description, bar, done/total, elapsed, ETA (on stderr with
+    ``stderr``, so a command's stdout stays clean for its results)."""
+    from rich.console import Console
+
     return Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -211,6 +216,7 @@ def progress_bar(*, transient: bool = False, disable: bool = False) -> Progress:
         TimeRemainingColumn(),
         transient=transient,
         disable=disable,
+        console=Console(stderr=True) if stderr else None,
     )
 
 

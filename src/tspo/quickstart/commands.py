@@ -245,6 +245,10 @@ def _wiki_sft(
     if not (device in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", device)):
         raise TSPOError(f"--device {device!r}: expected auto, cpu, cuda or cuda:N")
     request_threads(threads)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # our progress bar replaces the per-file loading bars
+    hf_logging.set_verbosity_error()
     stderr = Console(stderr=True)
     stderr.print(f"tspo sft: {base} on the questions of {data_dir}…", highlight=False)
     config = SFTConfig(
