@@ -91,6 +91,7 @@ def test_rerun_reuses_world_index_and_sft(finished_run):
             changed.policy,
             changed.rl.topk,
             changed.rl.max_turns,
+            changed.rl.max_obs_tokens,
             base_fingerprint(changed.policy.base),
         ),
     )
@@ -142,3 +143,29 @@ def test_rl_defaults_stay_near_the_sft_start_where_a_high_lr_runs_away(finished_
     out, _, _ = finished_run
     assert max(_kl_after_steps(out, tmp_path, QuickstartSettings().rl.lr)) < COLLAPSE_KL
     assert max(_kl_after_steps(out, tmp_path, 3e-4)) > COLLAPSE_KL
+
+
+def test_sft_cuts_observations_to_the_rollout_budget(tmp_path, monkeypatch):
+    """SFT must see observations as RL and evaluation will: cut to ``rl.max_obs_tokens``.
+
+    A policy fine-tuned on whole observations but rolled out on cut ones learned to start most
+    answers with a broken turn.
+    """
+    import tspo.sft
+
+    budgets = []
+    real_encode = tspo.sft.encode_episode
+
+    def recording_encode(*args, **kwargs):
+        budgets.append(kwargs["max_obs_tokens"])
+        return real_encode(*args, **kwargs)
+
+    monkeypatch.setattr(tspo.sft, "encode_episode", recording_encode)
+    monkeypatch.setattr(tspo.sft, "train_sft", lambda *a, **k: [1.0])
+    settings = mini_settings(max_obs_tokens=37)
+    paths = RunPaths(tmp_path)
+    console = Console(quiet=True)
+    world = ensure_world(paths, settings, console)
+    retriever = ensure_index(paths, settings, console)
+    ensure_policy(paths, world, retriever, settings, console)
+    assert budgets and set(budgets) == {37}

@@ -189,6 +189,7 @@ def train_policy(
     *,
     topk: int = 3,
     max_turns: int = 4,
+    max_obs_tokens: int = 200,
     show_progress: bool = True,
 ) -> dict[str, Any]:
     """SFT of the base model on noisy expert episodes; saves an HF folder.
@@ -197,7 +198,10 @@ def train_policy(
     SFT teaches it the search protocol, with the loss on the model's own tokens only. Episodes
     come from the world's training questions and from practice worlds, whose names differ, so the
     policy learns to copy names from the question and the documents instead of memorising the
-    world. Returns facts for the report.
+    world. Observations are cut to ``max_obs_tokens``, the rollout's budget (not
+    ``policy.sft.max_obs_tokens``): a policy fine-tuned on whole observations but rolled out on cut
+    ones learned to emit a broken turn first (``<think> Name </answer>``) on most questions.
+    Returns facts for the report.
     """
     from tspo.algo import exact_match
     from tspo.models.loading import load_policy
@@ -215,7 +219,7 @@ def train_policy(
             episode.example.question,
             episode.generated,
             episode.observations,
-            max_obs_tokens=policy.sft.max_obs_tokens,
+            max_obs_tokens=max_obs_tokens,
             use_chat_template=policy.sft.use_chat_template,
         )
         for episode in episodes
@@ -266,6 +270,7 @@ def ensure_policy(
         settings.policy,
         settings.rl.topk,
         settings.rl.max_turns,
+        settings.rl.max_obs_tokens,
         base_fingerprint(settings.policy.base),
     )
     record = stage_record(paths.sft)
@@ -281,6 +286,7 @@ def ensure_policy(
         paths.sft,
         topk=settings.rl.topk,
         max_turns=settings.rl.max_turns,
+        max_obs_tokens=settings.rl.max_obs_tokens,
     )
     info["seconds"] = time.perf_counter() - started
     mark_done(paths.sft, stage_fp, info=info)
