@@ -22,6 +22,9 @@ from tspo.errors import TSPOError
 from tspo.protocol import ANSWER_OPEN, PROTOCOL_TAGS
 
 DETECT_IN = ("retrieved", "generated", "both")
+# The defaults every caller (RolloutConfig, scoring, the veRL reward) takes from here.
+DEFAULT_DETECT_IN = "retrieved"
+DEFAULT_MIN_ANSWER_CHARS = 2
 YES_NO_ANSWERS = frozenset({"yes", "no"})
 _PUNCTUATION_TO_SPACE = str.maketrans(string.punctuation, " " * len(string.punctuation))
 
@@ -69,7 +72,7 @@ def _too_weak(normalized_alias: str, min_answer_chars: int) -> bool:
 
 
 def usable_aliases(
-    question: str, golds: Sequence[str], *, min_answer_chars: int = 2
+    question: str, golds: Sequence[str], *, min_answer_chars: int = DEFAULT_MIN_ANSWER_CHARS
 ) -> list[MatchForms]:
     """The gold aliases FOLR may match, after the guards, without duplicates."""
     question_forms = MatchForms.of(question)
@@ -106,8 +109,8 @@ def first_occurrence_turn(
     observations: Sequence[str | None],
     generated: Sequence[str] | None = None,
     *,
-    detect_in: str = "retrieved",
-    min_answer_chars: int = 2,
+    detect_in: str = DEFAULT_DETECT_IN,
+    min_answer_chars: int = DEFAULT_MIN_ANSWER_CHARS,
 ) -> int:
     """k*: the first turn (0-based) whose text contains a usable gold alias, or -1.
 

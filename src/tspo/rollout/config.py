@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from tspo.algo.folr import DETECT_IN
+from tspo.algo.folr import DEFAULT_DETECT_IN, DEFAULT_MIN_ANSWER_CHARS, DETECT_IN
 from tspo.errors import TSPOError
 
 
@@ -28,8 +28,8 @@ class RolloutConfig:
     top_p: float = 1.0
     use_chat_template: bool = False
     kv_cache: bool = True
-    detect_in: str = "retrieved"  # where FOLR looks for the first gold occurrence
-    min_answer_chars: int = 2
+    detect_in: str = DEFAULT_DETECT_IN  # where FOLR looks for the first gold occurrence
+    min_answer_chars: int = DEFAULT_MIN_ANSWER_CHARS
 
     def __post_init__(self) -> None:
         checks = [

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from tspo.algo import exact_match, f1_score, first_occurrence_turn
+from tspo.algo.folr import DEFAULT_DETECT_IN, DEFAULT_MIN_ANSWER_CHARS
 from tspo.protocol import extract_last_answer
 from tspo.rollout.batch import Trajectory
 
@@ -23,7 +24,10 @@ def last_generated_answer(generated: Sequence[str]) -> str | None:
 
 
 def score_trajectory(
-    trajectory: Trajectory, *, detect_in: str = "retrieved", min_answer_chars: int = 2
+    trajectory: Trajectory,
+    *,
+    detect_in: str = DEFAULT_DETECT_IN,
+    min_answer_chars: int = DEFAULT_MIN_ANSWER_CHARS,
 ) -> Trajectory:
     """Fill ``final_answer``, ``outcome``, ``f1`` and ``first_hit_turn`` in place; return it."""
     answer = last_generated_answer(trajectory.generated)
