@@ -191,3 +191,55 @@ def tiny_tokenizer():
     from tspo.pretrain.items import tokenizer_corpus
 
     return train_tokenizer(tokenizer_corpus(1, TINY_MIX), vocab_size=400)
+
+
+def test_question_first_items_put_the_question_before_the_documents_at_the_given_share():
+    world = generate_world(practice_seed(1), "small")
+    mix = PretrainMix(question_first=0.5)
+    items = items_for_world(world, mix, random.Random(1))
+    reading = [i for i in items if i[-1][1] == mix.answer_weight]
+    first = [p for (p, _), _ in reading if p.startswith("Question: ")]
+    assert len(first) / len(reading) == pytest.approx(0.5, abs=0.05)
+    for prompt in first:
+        assert prompt.index("Question: ") < prompt.index("Doc 1(Title:") and "\nAnswer:" in prompt
+    # A share of 0 draws nothing extra: the shipped base's item stream is unchanged.
+    plain = items_for_world(world, PretrainMix(), random.Random(1))
+    explicit = items_for_world(world, PretrainMix(question_first=0.0), random.Random(1))
+    assert plain == explicit and not any(i[0][0].startswith("Question: ") for i in plain)
+
+
+def test_continued_pretraining_starts_from_the_init_weights_and_tokenizer(tmp_path):
+    from transformers import AutoTokenizer
+
+    parent = tmp_path / "parent"
+    pretrain(parent, MINI, command="tspo pretrain (parent)", say=lambda _: None)
+    config = replace(
+        MINI, steps=2, init=str(parent / MODEL_DIR), first_world=5, lr=0.0, warmup_steps=1
+    )
+    child = tmp_path / "child"
+    facts = pretrain(child, replace(config, mix=replace(TINY_MIX, question_first=0.5)))
+    from transformers import AutoModelForCausalLM
+
+    before = AutoModelForCausalLM.from_pretrained(parent / MODEL_DIR).state_dict()
+    after = AutoModelForCausalLM.from_pretrained(child / MODEL_DIR).state_dict()
+    # lr 0 leaves AdamW's weight decay at 0 too: the weights are exactly the parent's.
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    parent_vocab = AutoTokenizer.from_pretrained(parent / MODEL_DIR).get_vocab()
+    assert AutoTokenizer.from_pretrained(child / MODEL_DIR).get_vocab() == parent_vocab
+    card = (child / MODEL_DIR / "README.md").read_text()
+    assert "from `" in card and facts["parent"]["sha256"] in card
+    assert "tspo pretrain (parent)" in card and "rc_question_first" in facts["gates"]
+    assert facts["practice_worlds"] - 5 >= 1  # read from world 5 on
+
+
+def test_unknown_init_is_one_line_and_exit_2_before_any_work(tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-m", "tspo.cli", "pretrain", "--out", str(tmp_path / "r")]
+        + ["--init", "no-such-base"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.strip().startswith("error:") and "no-such-base" in done.stderr
+    assert not (tmp_path / "r").exists()

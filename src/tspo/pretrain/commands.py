@@ -28,9 +28,26 @@ def pretrain(
     checkpoint_every: int = typer.Option(
         200, "--checkpoint-every", min=1, help="Save state every N."
     ),
+    init: str | None = typer.Option(
+        None, "--init", help="Continue from this base (folder or alias) instead of random weights."
+    ),
+    question_first: float = typer.Option(
+        0.0,
+        "--question-first",
+        min=0.0,
+        max=1.0,
+        help="Share of reading items with the question before the documents (the agent's layout).",
+    ),
+    first_world: int = typer.Option(
+        0, "--first-world", min=0, help="Index of the first practice world to read."
+    ),
+    lr: float = typer.Option(1e-3, "--lr", min=0.0, help="Peak learning rate."),
+    warmup_steps: int = typer.Option(100, "--warmup-steps", min=0, help="Linear warm-up steps."),
+    seq_len: int = typer.Option(256, "--seq-len", min=32, help="Packed row length in tokens."),
+    batch_size: int = typer.Option(32, "--batch-size", min=1, help="Packed rows per step."),
     fresh: bool = typer.Option(False, "--fresh", help="Delete the run folder and start over."),
 ) -> None:
-    """Pre-train a tiny base LM from random weights on generated practice worlds.
+    """Pre-train a tiny base LM from random weights (or --init) on generated practice worlds.
 
     The base learns to read documents and copy unseen names (documents, reading items, copy
     drills; never protocol tags, never an evaluation world). A killed run resumes from its last
@@ -42,6 +59,7 @@ def pretrain(
     from transformers.utils import logging as hf_logging
 
     from tspo.errors import TSPOError
+    from tspo.pretrain.items import PretrainMix
     from tspo.pretrain.loop import PretrainConfig
     from tspo.pretrain.loop import pretrain as run_pretrain
     from tspo.utils import progress_bar
@@ -52,10 +70,21 @@ def pretrain(
         shutil.rmtree(out)
     torch.set_num_threads(threads)
     hf_logging.disable_progress_bar()
+    if init is not None:
+        from tspo.models.loading import resolve_model_path
+
+        resolve_model_path(init)  # an unknown name fails here, before any work
     config = PretrainConfig(
         steps=steps,
         seed=seed,
         shape=shape,
+        init=init,
+        first_world=first_world,
+        lr=lr,
+        warmup_steps=warmup_steps,
+        seq_len=seq_len,
+        batch_size=batch_size,
+        mix=PretrainMix(question_first=question_first),
         bf16=bf16,
         eval_every=eval_every,
         eval_items=eval_items,

@@ -6,7 +6,9 @@ the same layouts the pre-training items use:
 - ``copy``: ``"Name: X. Repeat:"`` must continue with exactly ``X`` (cut at ``.`` or a newline);
 - ``rc_one_doc``: the subject's document alone, then the question; EM against the gold aliases;
 - ``rc_twin``: the subject's document and its near-duplicate twin's, in random order;
-- ``rc_three_docs``: the subject's document among two random ones (reported, not gated).
+- ``rc_three_docs``: the subject's document among two random ones (reported, not gated);
+- ``rc_question_first``: as ``rc_three_docs`` with the question before the documents, the layout
+  the search agent reads in (reported, not gated).
 """
 
 from __future__ import annotations
@@ -44,12 +46,16 @@ def gate_cases(world: World, items: int, seed: int = 0) -> dict[str, list[GateCa
     def golds(entity_id: str) -> list[str]:
         return world.golds(entity_id)
 
-    def read_cases(questions: list[Any], count: int, twin: bool) -> list[GateCase]:
+    def read_cases(
+        questions: list[Any], count: int, twin: bool, question_first: bool = False
+    ) -> list[GateCase]:
         chosen = rng.sample(questions, min(items, len(questions)))
         return [
             GateCase(
                 reading_prompt(
-                    reading_documents(world, q, count, 1.0 if twin else 0.0, rng), q.question
+                    reading_documents(world, q, count, 1.0 if twin else 0.0, rng),
+                    q.question,
+                    question_first=question_first,
                 ),
                 golds(q.answer),
                 "\n",
@@ -65,6 +71,7 @@ def gate_cases(world: World, items: int, seed: int = 0) -> dict[str, list[GateCa
         "rc_one_doc": read_cases(reading, 1, twin=False),
         "rc_twin": read_cases(with_twin, 2, twin=True),
         "rc_three_docs": read_cases(reading, 3, twin=False),
+        "rc_question_first": read_cases(reading, 3, twin=False, question_first=True),
     }
 
 

@@ -6,7 +6,9 @@ segment's tokens. Three kinds (their shares are a :class:`PretrainMix`):
 - document: ``"{title}\\n{text}\\n"``, plain LM loss;
 - reading comprehension: one to three documents in the retriever's ``Doc i(Title: T) text`` layout
   (the subject's own document, sometimes next to its near-duplicate twin), then
-  ``"Question: {q}\\nAnswer:"`` and the gold name, whose tokens carry ``answer_weight``;
+  ``"Question: {q}\\nAnswer:"`` and the gold name, whose tokens carry ``answer_weight``. A share
+  ``question_first`` of them puts the question before the documents instead, as the search agent
+  reads: its question comes first and the documents arrive later, in the search results;
 - name-copy drill: ``"Name: X. Repeat: X.\\n"`` or ``"Names: A, B, C. Repeat: A, B, C.\\n"``.
 
 No protocol tag ever appears: the base is a reader that can copy; the search protocol is taught
@@ -52,6 +54,7 @@ class PretrainMix:
     answer_weight: float = 5.0  # loss weight of the reading items' answer tokens
     max_docs: int = 3  # documents shown with a reading item: 1..max_docs
     twin_distractor: float = 0.5  # chance the subject's twin is among them, when it has one
+    question_first: float = 0.0  # share of reading items with the question before the documents
     world_size: str = "small"
 
 
@@ -96,8 +99,16 @@ def reading_documents(
     return [world.documents[eid] for eid in ids]
 
 
-def reading_prompt(docs: list[tuple[str, str]], question: str) -> str:
-    """The text before the answer of a reading item (also the gates' prompt)."""
+def reading_prompt(
+    docs: list[tuple[str, str]], question: str, *, question_first: bool = False
+) -> str:
+    """The text before the answer of a reading item (also the gates' prompt).
+
+    ``question_first`` puts the question before the documents: the agent's layout, where the
+    answer must look back past every document to the question.
+    """
+    if question_first:
+        return f"Question: {question}\n{format_documents(docs)}\nAnswer:"
     return f"{format_documents(docs)}\nQuestion: {question}\nAnswer:"
 
 
@@ -121,9 +132,10 @@ def items_for_world(world: World, mix: PretrainMix, rng: random.Random) -> list[
             world, question, rng.randint(1, mix.max_docs), mix.twin_distractor, rng
         )
         answer = world.entities[question.answer].name
-        items.append(
-            [(reading_prompt(docs, question.question), 1.0), (f" {answer}\n", mix.answer_weight)]
-        )
+        # No draw when the share is 0, so streams made before this option stay identical.
+        first = mix.question_first > 0 and rng.random() < mix.question_first
+        prompt = reading_prompt(docs, question.question, question_first=first)
+        items.append([(prompt, 1.0), (f" {answer}\n", mix.answer_weight)])
     for _ in range(n_docs):
         title, text = world.documents[rng.choice(doc_ids)]
         items.append([(f"{title}\n{text}\n", 1.0)])

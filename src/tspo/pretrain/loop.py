@@ -65,6 +65,10 @@ class PretrainConfig:
     checkpoint_every: int = 200
     log_every: int = 20
     tokenizer_worlds: int = 6
+    # Continued pre-training: start from this base (folder or alias: its weights and tokenizer)
+    # instead of random weights, reading practice worlds from ``first_world`` on.
+    init: str | None = None
+    first_world: int = 0
     mix: PretrainMix = field(default_factory=PretrainMix)
 
 
@@ -88,7 +92,13 @@ def _tokenizer(out: Path, config: PretrainConfig) -> Any:
     from tspo.pretrain.items import tokenizer_corpus
 
     folder = out / TOKENIZER_DIR
-    if not folder.is_dir():
+    if not folder.is_dir() and config.init is not None:
+        from tspo.models.loading import resolve_model_path
+
+        tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(config.init))
+        with atomic_directory(folder) as staging:
+            tokenizer.save_pretrained(staging)
+    elif not folder.is_dir():
         tokenizer = train_tokenizer(
             tokenizer_corpus(config.tokenizer_worlds, config.mix), vocab_size=config.vocab_size
         )
@@ -114,6 +124,41 @@ def _save_state(out: Path, model: Any, optimizer: Any, info: dict[str, Any]) -> 
         write_json(staging / "progress.json", info)
 
 
+def _initial_model(tokenizer: Any, config: PretrainConfig) -> Any:
+    """Random weights of ``config.shape``, or the weights of ``config.init`` (same tokenizer)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from tspo.models.loading import resolve_model_path
+    from tspo.models.tiny import build_tiny_model
+
+    if config.init is None:
+        return build_tiny_model(tokenizer, "micro", seed=config.seed, **parse_shape(config.shape))
+    model = AutoModelForCausalLM.from_pretrained(
+        resolve_model_path(config.init), dtype=torch.float32
+    )
+    if model.get_input_embeddings().num_embeddings < len(tokenizer):
+        raise TSPOError(f"--init {config.init}: its vocabulary is smaller than its tokenizer's")
+    return model
+
+
+def _parent_facts(init: str) -> dict[str, Any]:
+    """What the model card says about the base a continued run started from."""
+    from tspo.models.loading import resolve_model_path
+
+    folder = Path(resolve_model_path(init))
+    record = folder / "pretrain.json"
+    facts = json.loads(record.read_text(encoding="utf-8")) if record.is_file() else {}
+    return {
+        "name": init,
+        "sha256": file_sha256(folder / "model.safetensors"),
+        "command": facts.get("command"),
+        "steps": facts.get("steps"),
+        "wall_minutes": facts.get("wall_minutes"),
+        "gates": facts.get("gates"),
+    }
+
+
 def pretrain(
     out_dir: str | Path,
     config: PretrainConfig,
@@ -127,7 +172,7 @@ def pretrain(
     import torch
     from transformers import AutoModelForCausalLM
 
-    from tspo.models.tiny import build_tiny_model, count_parameters
+    from tspo.models.tiny import count_parameters
     from tspo.pretrain.card import write_model_card
     from tspo.pretrain.gates import measure_gates
     from tspo.sft import masked_lm_loss
@@ -158,8 +203,9 @@ def pretrain(
         say(f"resuming from step {progress['step']} ({state_dir})")
     else:
         torch.manual_seed(config.seed)
-        model = build_tiny_model(tokenizer, "micro", seed=config.seed, **parse_shape(config.shape))
-        progress = {"step": 0, "seconds": 0.0, "position": asdict(StreamPosition()), "loss": None}
+        model = _initial_model(tokenizer, config)
+        start = StreamPosition(world=config.first_world)
+        progress = {"step": 0, "seconds": 0.0, "position": asdict(start), "loss": None}
         saved = None
     model.to(device).train()
     optimizer = torch.optim.AdamW(
@@ -241,6 +287,8 @@ def pretrain(
         "gates": gates,
         "gate_items": config.final_eval_items,
     }
+    if config.init is not None:
+        facts["parent"] = _parent_facts(config.init)
     model.eval()
     with atomic_directory(out / MODEL_DIR) as staging:
         model.save_pretrained(staging)
