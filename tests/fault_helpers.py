@@ -22,7 +22,8 @@ SEARCH_TURN = "<search> capital </search>"
 
 
 def run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, list[str]]:
-    """Run ``tspo ARGS`` in this process; return its exit status and its stderr lines."""
+    """Run ``tspo ARGS`` in this process; return its exit status and its stderr lines, less the
+    run header (``tspo train: …`` lines: config, model, data, output) printed before the work."""
     from tspo.cli import main
 
     capsys.readouterr()
@@ -35,7 +36,8 @@ def run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, l
         code = exit_.code if isinstance(exit_.code, int) else 1
     finally:
         sys.argv = argv
-    return code, capsys.readouterr().err.splitlines()
+    lines = capsys.readouterr().err.splitlines()
+    return code, [line for line in lines if not line.startswith("tspo train: ")]
 
 
 def tree_hashes(folder: Path) -> dict[str, str]:

@@ -215,10 +215,14 @@ def test_seed_flag_is_train_seed(
         return loop.TrainResult(Path(files["root"]), 0, None)
 
     monkeypatch.setattr(loop, "train", fake_train)
-    code, lines = run_cli([*_train_args(files), "--seed", "13"], capsys)
-    assert code == 0, lines
+    from tspo.cli import main
+
+    with pytest.raises(SystemExit) as stop:
+        main([*_train_args(files), "--seed", "13"])
+    assert stop.value.code == 0
     assert seen[0].train.seed == 13
-    assert lines[0].startswith("tspo train: config (defaults), seed 13, estimator tspo")
+    first = capsys.readouterr().err.splitlines()[0]
+    assert first.startswith("tspo train: config (defaults), seed 13, estimator tspo")
 
 
 def test_interrupt_names_the_step_checkpoint_and_command(
@@ -338,9 +342,10 @@ def test_run_header_resume_diff_interrupt_and_null_cuda_memory(
             2,
             out / "checkpoints" / "step-00000002",
         )
-        assert f"model {world.model_dir}: " in header and " parameters on cpu, float32" in header
-        assert f"data: 6 questions from {world.qa}" in header
-        assert f"output: {out} " in header and "checkpoints: " in header
+        assert f"tspo train: model {world.model_dir}: " in header
+        assert " parameters on cpu, float32" in header
+        assert f"tspo train: 6 questions from {world.qa}" in header
+        assert f"tspo train: writing to {out} " in header and "checkpoints: " in header
 
         monkeypatch.setattr(loop, "run_step", real_step)
         resumed = tiny_config(
@@ -348,7 +353,10 @@ def test_run_header_resume_diff_interrupt_and_null_cuda_memory(
         )
         loop.train(resumed)
     err = capsys.readouterr().err
-    assert f"resuming from step 2 (checkpoint {out / 'checkpoints' / 'step-00000002'})" in err
+    assert (
+        f"tspo train: resuming from step 2 (checkpoint {out / 'checkpoints' / 'step-00000002'})"
+        in err
+    )
     warning = next(line for line in err.splitlines() if line.startswith("warning: the config"))
     assert "optim.lr (0.001 -> 0.002)" in warning and "train.steps" not in warning
     last = json.loads((out / "metrics.jsonl").read_text(encoding="utf-8").splitlines()[-1])

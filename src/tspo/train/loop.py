@@ -90,9 +90,12 @@ def _step_of_checkpoint(folder: Path) -> int | None:
     return int(name[5:]) if name.startswith("step-") and name[5:].isdigit() else None
 
 
+HEADER_PREFIX = "tspo train: "
+
+
 def say(message: str) -> None:
-    """One line of the run header on stderr."""
-    print(message, file=sys.stderr, flush=True)
+    """One line of the run header on stderr, marked with :data:`HEADER_PREFIX`."""
+    print(f"{HEADER_PREFIX}{message}", file=sys.stderr, flush=True)
 
 
 @dataclass
@@ -156,11 +159,10 @@ def run_header(run: _Run, output_dir: Path, checkpoint_root: Path) -> None:
     )
     files = ", ".join(config.data.train_files)
     say(
-        f"data: {len(run.sampler.items)} questions from {files}; "
-        f"retriever: {_describe_retriever(config)}"
+        f"{len(run.sampler.items)} questions from {files}; retriever: {_describe_retriever(config)}"
     )
     say(
-        f"output: {output_dir} (metrics.jsonl, samples.jsonl); checkpoints: {checkpoint_root} "
+        f"writing to {output_dir} (metrics.jsonl, samples.jsonl); checkpoints: {checkpoint_root} "
         f"every {config.checkpoint.every} steps and at step {config.train.steps}, "
         f"keeping {config.checkpoint.keep_last}"
     )
