@@ -54,6 +54,7 @@ def test_scores_per_source_and_overall() -> None:
     assert scores["nq"] == {
         "count": 2, "em": 0.5, "f1": 0.75, "turns": 3.0, "searches": 2.0, "answered": 1.0,
         "invalid_rate": 1.0,  # "turn" holds no action
+        "first_search": 0.0,  # no turn searched
     }  # fmt: skip
     assert scores["hotpotqa"]["answered"] == 0.0 and scores["hotpotqa"]["turns"] == 1.0
     assert scores[OVERALL]["em"] == pytest.approx(1 / 3)

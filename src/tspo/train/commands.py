@@ -134,9 +134,16 @@ def eval_command(
         bool | None,
         typer.Option(
             "--chat-template/--no-chat-template",
-            help="Wrap prompts in the tokenizer's chat template.",
+            help="Wrap prompts in the tokenizer's chat template (default: as the checkpoint was "
+            "trained, else when the tokenizer has one).",
         ),
     ] = None,
+    bf16: Annotated[
+        str, typer.Option(help="bf16 autocast: auto (CUDA, CPUs with native bf16), on or off.")
+    ] = "auto",
+    json_output: Annotated[
+        bool, typer.Option("--json", help="Print the scores as JSON instead of a table.")
+    ] = False,
     batch_size: Annotated[int, typer.Option(help="Questions decoded together.")] = 16,
     limit: Annotated[
         int | None, typer.Option(help="Evaluate only the first N questions of each file.")
@@ -167,6 +174,9 @@ def eval_command(
         preflight.output_dir(out, "--out")
     if dtype not in ("float32", "bfloat16", "float16"):
         raise TSPOError(f"--dtype {dtype!r}: expected float32, bfloat16 or float16")
+    bf16_modes = {"auto": "auto", "on": True, "off": False}
+    if bf16 not in bf16_modes:
+        raise TSPOError(f"--bf16 {bf16!r}: expected auto, on or off")
     _say(f"tspo eval: loading {model}…")
     from tspo.utils import request_threads
 
@@ -196,8 +206,15 @@ def eval_command(
             device=device,
             batch_size=batch_size,
             limit=limit,
+            chat_template=chat_template,
+            bf16=bf16_modes[bf16],
         )
-    typer.echo(markdown_table(result.scores), nl=False)
+    if json_output:
+        import json
+
+        typer.echo(json.dumps({"settings": result.settings, "scores": result.scores}, indent=2))
+    else:
+        typer.echo(markdown_table(result.scores), nl=False)
     if out is not None:
         console.print(f"wrote {out / 'eval.json'}, {out / 'eval.md'}, {out / 'trajectories.jsonl'}")
 
