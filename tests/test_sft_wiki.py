@@ -12,10 +12,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from train_helpers import single_thread, write_jsonl
+from train_helpers import single_thread
 from typer.testing import CliRunner
+from wiki_helpers import ARTICLES, build_wiki_folder, wiki_examples
 
-from tspo.data.qa import QAExample, read_qa
+from tspo.data.qa import read_qa
 from tspo.data.wiki_expert import (
     NO_ANSWER,
     NO_BRIDGE,
@@ -23,48 +24,9 @@ from tspo.data.wiki_expert import (
     documents_of,
     run_wiki_expert,
 )
-from tspo.protocol import PROMPT_TEMPLATE, parse_action
+from tspo.protocol import parse_action
 from tspo.retrieval.bm25 import BM25Retriever
 from tspo.sft import SFTExample, collate, encode_episode, masked_lm_loss, model_loss
-
-ARTICLES = [
-    ("Paris", "Paris is the capital and largest city of France, on the Seine."),
-    ("France", "France is a country in Western Europe whose capital is Paris."),
-    ("Nile", "The Nile is a major north-flowing river in northeastern Africa."),
-    ("Egypt", "Egypt is a country in North Africa; the Nile crosses Egypt from south to north."),
-    ("Oslo", "Oslo is the capital and most populous city of Norway."),
-    ("Andes", "The Andes are the longest continental mountain range in the world."),
-]
-SINGLE = [
-    ("What is the capital and largest city of France?", ["Paris"], "Paris"),
-    ("What is the capital and most populous city of Norway?", ["oslo"], "Oslo"),
-    ("What is a major north-flowing river in northeastern Africa?", ["Nile"], "Nile"),
-    ("What is a lost island that nobody ever described?", ["Atlantis"], "Atlantis"),
-]
-BRIDGE = [
-    ("Which country in North Africa has a summary that mentions a major north-flowing river in "
-     "northeastern Africa?", ["Egypt"], "Egypt", "Nile"),
-    ("Which city has a summary that mentions a fictional ocean of liquid silver?", ["Paris"],
-     "Paris", "Seine"),
-]  # fmt: skip
-
-
-def wiki_examples() -> list[QAExample]:
-    examples = [
-        QAExample(f"wiki-single-{i}", q, golds, "wiki_single", {"kind": "single", "title": title})
-        for i, (q, golds, title) in enumerate(SINGLE)
-    ]
-    examples += [
-        QAExample(
-            f"wiki-bridge-{i}",
-            q,
-            golds,
-            "wiki_bridge",
-            {"kind": "bridge", "title": title, "bridge": bridge},
-        )
-        for i, (q, golds, title, bridge) in enumerate(BRIDGE)
-    ]
-    return examples
 
 
 class _Doc:
@@ -117,26 +79,7 @@ def test_alias_as_written_and_document_lines() -> None:
 
 @pytest.fixture(scope="module")
 def wiki_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A `tspo data wiki`-shaped folder and a micro Llama saved as an HF folder."""
-    from tspo.data.qa import write_flashrag_jsonl
-    from tspo.models.tiny import build_tiny_model, train_tokenizer
-
-    folder = tmp_path_factory.mktemp("wiki")
-    write_jsonl(
-        folder / "corpus.jsonl",
-        [{"id": str(i), "contents": f"{t}\n{x}"} for i, (t, x) in enumerate(ARTICLES)],
-    )
-    write_flashrag_jsonl(wiki_examples(), folder / "train.jsonl")
-    texts = [f"{t}\n{x}" for t, x in ARTICLES] + [
-        PROMPT_TEMPLATE.format(question=q) for q, *_ in SINGLE
-    ]
-    texts += ["<think> Doc 1 answers the question. </think>", "<search> </search> <answer>"]
-    tokenizer = train_tokenizer(texts * 4, vocab_size=400, min_frequency=1)
-    with single_thread():
-        model = build_tiny_model(tokenizer, "micro", seed=0)
-    model.save_pretrained(folder / "model")
-    tokenizer.save_pretrained(folder / "model")
-    return folder
+    return build_wiki_folder(tmp_path_factory.mktemp("wiki"))
 
 
 def test_answers_must_be_visible_after_the_observation_budget(wiki_folder, retriever) -> None:
