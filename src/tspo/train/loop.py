@@ -177,8 +177,10 @@ def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-# Fields that may change on resume without a warning: how long to run, how to show progress.
-RESUME_FREE_FIELDS = ("train.steps", "train.resume", "retriever.token", "logging.progress")
+# Fields that may change on resume without a warning: how long to run, where the (moved) run
+# folder is, and what is logged; none of them changes what is trained.
+RESUME_FREE_FIELDS = ("train.steps", "train.resume", "train.output_dir", "retriever.token")
+RESUME_FREE_SECTIONS = ("logging.",)
 
 
 def config_changes(config: TrainConfig, checkpoint: Path) -> list[str]:
@@ -195,7 +197,11 @@ def config_changes(config: TrainConfig, checkpoint: Path) -> list[str]:
     now = _flatten(config.model_dump(mode="json"))
     changes = []
     for name in sorted(set(before) | set(now)):
-        if name in RESUME_FREE_FIELDS or before.get(name) == now.get(name):
+        if (
+            name in RESUME_FREE_FIELDS
+            or name.startswith(RESUME_FREE_SECTIONS)
+            or before.get(name) == now.get(name)
+        ):
             continue
         changes.append(f"{name} ({before.get(name)!r} -> {now.get(name)!r})")
     return changes
