@@ -178,9 +178,9 @@ def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
 
 
 # Fields that may change on resume without a warning: how long to run, where the (moved) run
-# folder is, and what is logged; none of them changes what is trained.
+# folder is, what is logged, checkpointed and validated; none of them changes what is trained.
 RESUME_FREE_FIELDS = ("train.steps", "train.resume", "train.output_dir", "retriever.token")
-RESUME_FREE_SECTIONS = ("logging.",)
+RESUME_FREE_SECTIONS = ("logging.", "checkpoint.", "eval.")
 
 
 def config_changes(config: TrainConfig, checkpoint: Path) -> list[str]:
