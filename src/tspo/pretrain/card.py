@@ -84,7 +84,9 @@ Load it with `AutoModelForCausalLM.from_pretrained(folder)` and `AutoTokenizer.f
 
 def _origin(facts: dict[str, Any]) -> str:
     parent = facts.get("parent")
-    return f"from `{parent['name']}`" if parent else "from random weights"
+    if parent:
+        return "in two runs (from random weights, then continued from the first run's weights)"
+    return "from random weights"
 
 
 def _commands(facts: dict[str, Any]) -> str:
