@@ -27,9 +27,11 @@ $(VERL_STAMP): pyproject.toml scripts/setup_verl_env.sh
 	bash scripts/setup_verl_env.sh $(VERL_VENV)
 	touch $(VERL_STAMP)
 
+# ruff (style, complexity) over everything; mypy over src/ with [tool.mypy] of pyproject.toml.
 lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 
 test-core: setup
 	$(BIN)/pytest -q
@@ -83,4 +85,4 @@ bench: setup
 	$(BIN)/python benchmarks/update.py
 
 clean:
-	rm -rf $(VENV) $(VERL_VENV) runs .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(VERL_VENV) runs .pytest_cache .ruff_cache .mypy_cache

@@ -67,7 +67,8 @@ def usage_message(err: clickx.UsageError, args: list[str]) -> str:
         if ctx is not None:
             flags = [name for param in ctx.command.params for name in param.opts]
         close = difflib.get_close_matches(flag, flags, n=1, cutoff=0.7)
-        hint = f"; did you mean {close[0]}?" if close else f" (see {ctx.command_path} --help)"
+        see_help = f" (see {ctx.command_path} --help)" if ctx is not None else ""
+        hint = f"; did you mean {close[0]}?" if close else see_help
         return f"{where}no option {flag}{hint}"
     message = " ".join(err.format_message().split()).rstrip(".")
     if ctx is not None and hasattr(ctx.command, "list_commands") and message.startswith("No such"):

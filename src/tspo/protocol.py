@@ -61,7 +61,7 @@ class Action:
 
 class _Tokenizer(Protocol):
     def encode(self, text: str, add_special_tokens: bool = ...) -> list[int]: ...
-    def decode(self, ids: Sequence[int], skip_special_tokens: bool = ...) -> str: ...
+    def decode(self, ids: list[int], /, skip_special_tokens: bool = ...) -> str | list[str]: ...
 
 
 def build_prompt(question: str, tokenizer: Any = None, *, use_chat_template: bool = False) -> str:
@@ -213,4 +213,5 @@ def truncate_to_tokens(text: str, tokenizer: _Tokenizer, max_tokens: int) -> str
     if len(ids) <= max_tokens:
         return text
     cut = tokenizer.decode(ids[:max_tokens], skip_special_tokens=True)
+    assert isinstance(cut, str), "a flat list of ids decodes to one string"
     return cut if _REPLACEMENT_CHAR in text else cut.rstrip(_REPLACEMENT_CHAR)

@@ -14,11 +14,14 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tspo.errors import TSPOError
 from tspo.protocol import build_prompt, truncate_to_tokens, wrap_information
 from tspo.utils import atomic_directory
+
+if TYPE_CHECKING:
+    from tspo.data.expert import ExpertTrajectory
 
 
 @dataclass(frozen=True)
@@ -432,7 +435,9 @@ def wiki_sft(
     with open_retriever(
         index=str(index) if index else None, corpus=None if index else str(corpus)
     ) as retriever:
-        played, solved, skipped = 0, [], {}
+        played = 0
+        solved: list[ExpertTrajectory] = []
+        skipped: dict[str, str] = {}  # question id -> reason
         while len(solved) < episodes and played < len(questions):
             # Play about as many more questions as episodes are missing (plus a margin for skips).
             chunk = questions[played : played + max(64, int((episodes - len(solved)) * 1.25))]

@@ -136,12 +136,13 @@ def first_occurrence_turn(
     aliases = usable_aliases(question, golds, min_answer_chars=min_answer_chars)
     if not aliases:
         return -1
-    own_text = strip_final_answer(generated) if use_generated else []
+    own_text = strip_final_answer(generated) if use_generated and generated is not None else []
     num_turns = max(len(observations), len(own_text))
     for turn in range(num_turns):
-        texts = []
-        if use_retrieved and turn < len(observations) and observations[turn] is not None:
-            texts.append(observations[turn])
+        texts: list[str] = []
+        observation = observations[turn] if turn < len(observations) else None
+        if use_retrieved and observation is not None:
+            texts.append(observation)
         if use_generated and turn < len(own_text):
             texts.append(own_text[turn])
         for text in texts:

@@ -64,7 +64,7 @@ class _Episode:
     relations: list[str]
     hop: int = 0  # index of the relation being resolved
     current: str = ""  # the name whose document we need now
-    pending_query: str | None = None
+    pending_query: str = ""  # set before the episode's first search
     pending_think: str = ""
     done: bool = False
 

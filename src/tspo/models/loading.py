@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tspo.errors import TSPOError
 from tspo.models.smollm2 import ALIAS as SMOLLM2_ALIAS
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedTokenizerBase
 
 DTYPES = ("float32", "bfloat16", "float16")
 TINY_BASE_ALIAS = "tspo-tiny-base"
@@ -60,7 +64,7 @@ def resolve_model_path(
     )
 
 
-def resolve_device(device: str = "auto") -> Any:
+def resolve_device(device: str = "auto") -> torch.device:
     """``auto`` -> CUDA when available, else CPU; anything else as given."""
     import torch
 
@@ -72,7 +76,7 @@ def resolve_device(device: str = "auto") -> Any:
     return resolved
 
 
-def load_tokenizer(name_or_path: str) -> Any:
+def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
     """A tokenizer with a pad token (the EOS token when the model defines none)."""
     from transformers import AutoTokenizer
 
@@ -108,6 +112,6 @@ def load_policy(
         model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
     except (OSError, ValueError) as err:
         raise TSPOError(f"cannot load a model from {name_or_path!r}: {err}") from None
-    model.to(resolve_device(device))
+    model.to(resolve_device(device))  # type: ignore[arg-type]  # transformers' wrapped .to
     model.eval()
     return model, load_tokenizer(tokenizer or path)

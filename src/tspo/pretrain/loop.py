@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from tspo.errors import TSPOError
 from tspo.pretrain.items import PretrainMix
@@ -137,7 +137,7 @@ def _initial_model(tokenizer: Any, config: PretrainConfig) -> Any:
     model = AutoModelForCausalLM.from_pretrained(
         resolve_model_path(config.init), dtype=torch.float32
     )
-    if model.get_input_embeddings().num_embeddings < len(tokenizer):
+    if cast(torch.nn.Embedding, model.get_input_embeddings()).num_embeddings < len(tokenizer):
         raise TSPOError(f"--init {config.init}: its vocabulary is smaller than its tokenizer's")
     return model
 
@@ -207,7 +207,7 @@ def pretrain(
         start = StreamPosition(world=config.first_world)
         progress = {"step": 0, "seconds": 0.0, "position": asdict(start), "loss": None}
         saved = None
-    model.to(device).train()
+    model.to(device).train()  # type: ignore[arg-type]  # transformers' wrapped .to
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=config.lr, betas=(0.9, 0.95), weight_decay=config.weight_decay
     )

@@ -71,7 +71,13 @@ def world(
 WIKI_SFT_BASE = "smollm2-135m-instruct"
 WIKI_SFT_LR = 1e-4
 WIKI_SFT_EPISODES = 800
-BF16_CHOICES = {"auto": "auto", "on": True, "true": True, "off": False, "false": False}
+BF16_CHOICES: dict[str, bool | str] = {
+    "auto": "auto",
+    "on": True,
+    "true": True,
+    "off": False,
+    "false": False,
+}
 
 
 @app.command("sft")

@@ -155,7 +155,7 @@ def expert_episodes(
     noise = ExpertNoise(
         early_answer=policy.early_answer, wrong_query=policy.wrong_query, recover=policy.recover
     )
-    options = {"noise": noise, "topk": rollout_topk, "max_turns": max_turns}
+    options: dict[str, Any] = {"noise": noise, "topk": rollout_topk, "max_turns": max_turns}
     train = qa_examples(world, "train")
     own = []
     for run in range(policy.expert_passes):

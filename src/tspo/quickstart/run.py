@@ -69,6 +69,7 @@ def run_quickstart(
     result = train(config)
     seconds["rl"] = time.perf_counter() - t
     final_dir = result.last_checkpoint
+    assert final_dir is not None, "the last RL step always writes a checkpoint"
     console.print(f"  {result.final_step} RL steps ({settings.rl.estimator}) -> {final_dir}")
 
     t = stage(4)

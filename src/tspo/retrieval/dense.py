@@ -84,7 +84,10 @@ class Encoder:
         dimension = getattr(self.model, "get_embedding_dimension", None)
         if dimension is None:  # sentence-transformers < 5 spells it differently
             dimension = self.model.get_sentence_embedding_dimension
-        self.dim = int(dimension())
+        found = dimension()
+        if found is None:
+            raise TSPOError(f"encoder {self.name!r} has no fixed embedding dimension")
+        self.dim = int(found)
 
     def _encode(self, texts: list[str]) -> np.ndarray:
         vectors = self.model.encode(

@@ -13,11 +13,17 @@ DOCUMENTS_FILE = "documents.jsonl"
 
 
 class DocLike(Protocol):
-    """What an index needs from a document: ``tspo.data.corpus.CorpusDoc`` fits."""
+    """What an index needs from a document: ``tspo.data.corpus.CorpusDoc`` fits.
 
-    id: str
-    title: str
-    text: str
+    Read-only, so frozen dataclasses fit too.
+    """
+
+    @property
+    def id(self) -> str: ...
+    @property
+    def title(self) -> str: ...
+    @property
+    def text(self) -> str: ...
 
 
 @dataclass(frozen=True)

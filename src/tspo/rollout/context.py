@@ -12,6 +12,7 @@ instead of transformers' default of concatenating the whole cache again at every
 from __future__ import annotations
 
 import inspect
+from typing import cast
 
 import torch
 from transformers import DynamicCache, LlamaForCausalLM
@@ -71,8 +72,10 @@ class BufferedLayer(DynamicLayer):
         """Keep, for each row b, the columns ``index[b]`` (B, W) in that order."""
         width = index.shape[1]
         expand = (-1, self._keys.shape[1], -1, self._keys.shape[3])
-        keys = self.keys.gather(2, index[:, None, :, None].expand(*expand))
-        values = self.values.gather(2, index[:, None, :, None].expand(*expand))
+        keys = self._keys[:, :, : self.length].gather(2, index[:, None, :, None].expand(*expand))
+        values = self._values[:, :, : self.length].gather(
+            2, index[:, None, :, None].expand(*expand)
+        )
         self._keys = keys.new_empty((*keys.shape[:2], width + self.spare, keys.shape[3]))
         self._values = values.new_empty((*values.shape[:2], width + self.spare, values.shape[3]))
         self._keys[:, :, :width] = keys
@@ -151,6 +154,11 @@ class CachedContext:
     def batch_size(self) -> int:
         return self.mask.shape[0]
 
+    @property
+    def layers(self) -> list[BufferedLayer]:
+        """The cache's layers: `new_cache` made every one a `BufferedLayer`."""
+        return cast("list[BufferedLayer]", self.cache.layers)
+
     @torch.no_grad()
     def extend(self, chunks: list[list[int]]) -> torch.Tensor:
         """Append ``chunks[b]`` to row b (left-padded with holes) and return (B, V) logits.
@@ -205,7 +213,7 @@ class CachedContext:
         child = CachedContext.__new__(CachedContext)
         child.model, child.pad_id, child.device = self.model, self.pad_id, self.device
         child.cache = new_cache(self.model.config)
-        child.cache.layers = [layer.copy_rows(rows) for layer in self.cache.layers]
+        child.cache.layers = [layer.copy_rows(rows) for layer in self.layers]
         child.mask = self.mask.index_select(0, rows)
         child.positions = self.positions.index_select(0, rows)
         return child
@@ -214,7 +222,7 @@ class CachedContext:
         """Take back what ``child = self.split(rows)`` appended; other rows get holes there."""
         rows = rows.to(self.device)
         start = self.mask.shape[1]
-        for layer, child_layer in zip(self.cache.layers, child.cache.layers, strict=True):
+        for layer, child_layer in zip(self.layers, child.layers, strict=True):
             layer.take_columns(rows, child_layer)
         extra = self.mask.new_zeros(self.batch_size, child.mask.shape[1] - start)
         self.mask = torch.cat([self.mask, extra], dim=1)
@@ -223,7 +231,7 @@ class CachedContext:
 
     def reserve(self, columns: int) -> None:
         """Preallocate room for ``columns`` more columns in every layer."""
-        for layer in self.cache.layers:
+        for layer in self.layers:
             layer.reserve(columns)
 
     def compact(self) -> None:
@@ -235,6 +243,6 @@ class CachedContext:
             return
         # Stable sort on the mask puts holes first and keeps real columns in order.
         order = self.mask.sort(dim=1, stable=True).indices[:, -width:]
-        for layer in self.cache.layers:
+        for layer in self.layers:
             layer.gather_columns(order)
         self.mask = self.mask.gather(1, order)

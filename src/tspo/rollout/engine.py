@@ -8,7 +8,7 @@ cache (``kv_cache=True``) or the whole context is re-encoded (``kv_cache=False``
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -25,6 +25,9 @@ from tspo.rollout.sampling import next_tokens
 from tspo.rollout.scoring import score_trajectory
 from tspo.rollout.stopping import StopChecker
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
 
 class RolloutEngine:
     """Generates scored `RolloutBatch`es from a causal LM, its tokenizer and a retriever.
@@ -35,8 +38,8 @@ class RolloutEngine:
 
     def __init__(
         self,
-        model: Any,
-        tokenizer: Any,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
         retriever: Retriever,
         config: RolloutConfig | None = None,
     ):
@@ -146,6 +149,7 @@ class RolloutEngine:
                 trajectory.observations.append(reply.observation)
                 if reply.done:
                     continue
+                assert reply.text is not None, "a reply that continues the rollout has text"
                 reply_ids = self.tokenizer.encode(reply.text, add_special_tokens=False)
                 responses[rollout].append(Segment(reply_ids, turn))
                 texts[rollout].append(reply.text)
@@ -231,7 +235,7 @@ def _full_context(prompt: list[int], segments: list[Segment]) -> list[int]:
     return prompt + [t for segment in segments for t in segment.token_ids]
 
 
-def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
+def _eos_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> set[int]:
     ids: set[int] = set()
     for source in (tokenizer.eos_token_id, getattr(model.generation_config, "eos_token_id", None)):
         if isinstance(source, int):

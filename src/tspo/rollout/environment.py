@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 from tspo.protocol import (
     INVALID_ACTION_MESSAGE,
@@ -14,6 +14,9 @@ from tspo.protocol import (
     wrap_information,
 )
 from tspo.retrieval.base import Retriever
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 
 @dataclass(frozen=True)
@@ -36,7 +39,7 @@ def reply_to_actions(
     final_turn: bool,
     retriever: Retriever,
     topk: int,
-    tokenizer: Any,
+    tokenizer: PreTrainedTokenizerBase,
     max_obs_tokens: int,
 ) -> list[EnvReply]:
     """One reply per action; all searches of the turn go to ``retriever`` as one batched call.

@@ -10,13 +10,16 @@ short window of recent tokens. Which tokens contain one is learnt lazily, token 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 
 class StopChecker:
     """Finds the rows whose turn text now contains a stop string."""
 
-    def __init__(self, tokenizer: Any, stop_strings: Sequence[str]):
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, stop_strings: Sequence[str]):
         self.tokenizer = tokenizer
         self.stop_strings = tuple(stop_strings)
         # Every token of a stop string adds at least one character, plus one for decoders that
@@ -50,7 +53,8 @@ class StopChecker:
         if not candidates:
             return []
         texts = self.tokenizer.batch_decode(
-            [turn_tokens[row][-self.window :] for row in candidates], skip_special_tokens=False
+            [list(turn_tokens[row][-self.window :]) for row in candidates],
+            skip_special_tokens=False,
         )
         return [row for row, text in zip(candidates, texts, strict=True) if self._has_stop(text)]
 

@@ -31,7 +31,7 @@ import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -58,7 +58,8 @@ def checkpoint_name(step: int) -> str:
 
 def capture_rng_state() -> dict[str, Any]:
     """The global RNG states, as plain containers and tensors (safe for ``weights_only`` loads)."""
-    np_state = np.random.get_state()
+    # The legacy tuple (numpy's stub types the default call as a dict).
+    np_state = cast("tuple[Any, ...]", np.random.get_state())
     state: dict[str, Any] = {
         "python": random.getstate(),
         "numpy": (np_state[0], np_state[1].tolist(), *np_state[2:]),

@@ -174,7 +174,7 @@ def eval_command(
         preflight.output_dir(out, "--out")
     if dtype not in ("float32", "bfloat16", "float16"):
         raise TSPOError(f"--dtype {dtype!r}: expected float32, bfloat16 or float16")
-    bf16_modes = {"auto": "auto", "on": True, "off": False}
+    bf16_modes: dict[str, bool | str] = {"auto": "auto", "on": True, "off": False}
     if bf16 not in bf16_modes:
         raise TSPOError(f"--bf16 {bf16!r}: expected auto, on or off")
     _say(f"tspo eval: loading {model}…")

@@ -181,7 +181,7 @@ def _with_lora(model: Any, config: ModelConfig, weights_from: str | Path | None)
         return PeftModel.from_pretrained(model, str(weights_from), is_trainable=True)
     lora = LoraConfig(
         r=config.lora.r,
-        lora_alpha=config.lora.alpha,
+        lora_alpha=config.lora.alpha,  # type: ignore[arg-type]  # peft says int; a float works
         lora_dropout=config.lora.dropout,
         target_modules=list(config.lora.target_modules),
         task_type="CAUSAL_LM",

@@ -73,7 +73,7 @@ def position_ids(attention_mask: Tensor) -> Tensor:
 
 
 def response_logprobs(
-    model: Any,
+    model: torch.nn.Module,
     input_ids: Tensor,
     attention_mask: Tensor,
     response_length: int,
@@ -144,7 +144,7 @@ def autocast_context(device: torch.device, bf16: bool | str) -> AbstractContextM
 
 @torch.no_grad()
 def batch_logprobs(
-    model: Any,
+    model: torch.nn.Module,
     batch: UpdateBatch,
     *,
     micro_batch_size: int,

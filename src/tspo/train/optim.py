@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 
 from tspo.train.config import OptimConfig
 
 
-def build_optimizer(model: Any, config: OptimConfig) -> torch.optim.AdamW:
+def build_optimizer(model: torch.nn.Module, config: OptimConfig) -> torch.optim.AdamW:
     """AdamW over the trainable parameters; biases and norm weights get no weight decay."""
-    decay, no_decay = [], []
+    decay: list[torch.nn.Parameter] = []
+    no_decay: list[torch.nn.Parameter] = []
     for param in model.parameters():
         if param.requires_grad:
             (decay if param.dim() >= 2 else no_decay).append(param)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 import torch
 
@@ -11,7 +11,7 @@ from tspo.errors import TSPOError
 T = TypeVar("T")
 
 
-class PromptSampler:
+class PromptSampler(Generic[T]):
     """Hands out ``batch_size`` items per call, epoch after epoch.
 
     Each epoch visits every item once, in an order drawn from ``seed`` and the epoch number (or in

@@ -63,7 +63,7 @@ def _loss_normaliser(batch: UpdateBatch, agg: str) -> torch.Tensor:
 
 
 def ppo_update(
-    model: Any,
+    model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     batch: UpdateBatch,
     settings: UpdateSettings,
