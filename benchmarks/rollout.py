@@ -317,7 +317,9 @@ def markdown(report: dict, command: str) -> str:
         "",
         f"Machine: {describe_machine(report['machine'])}; 1-minute load average at the end "
         f"{report['load_average_1min']:.1f}. Peak memory: "
-        + ", ".join(f"{k} {v:.0f} MiB" for k, v in report["peak_memory_mb"].items())
+        + ", ".join(
+            f"{k} {v:.0f} MiB" for k, v in report["peak_memory_mb"].items() if v is not None
+        )
         + ".",
         "",
         f"Reproduce: `{command}`.",

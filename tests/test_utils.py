@@ -60,3 +60,13 @@ def test_requested_threads_survive_the_policy_applied_later(monkeypatch):
     finally:
         torch.set_num_threads(before)
         os.environ.pop(THREADS_ENV, None)
+
+
+def test_peak_memory_always_names_cuda_memory_null_on_cpu():
+    import json
+
+    from tspo.utils import peak_memory_mb
+
+    memory = peak_memory_mb()
+    assert memory["peak_rss_mb"] > 0
+    assert "peak_cuda_mb" in memory and '"peak_cuda_mb": null' in json.dumps(memory)

@@ -220,10 +220,16 @@ def progress_bar(
     )
 
 
-def peak_memory_mb() -> dict[str, float]:
-    """Peak resident memory of this process (and peak CUDA memory when CUDA is in use), in MiB."""
+def peak_memory_mb() -> dict[str, float | None]:
+    """Peak resident memory of this process and peak CUDA memory, in MiB.
+
+    ``peak_cuda_mb`` is always present: None (JSON null) when CUDA is not in use.
+    """
     rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    out = {"peak_rss_mb": rss_kb / 1024 if sys.platform != "darwin" else rss_kb / 2**20}
+    out: dict[str, float | None] = {
+        "peak_rss_mb": rss_kb / 1024 if sys.platform != "darwin" else rss_kb / 2**20,
+        "peak_cuda_mb": None,
+    }
     torch = sys.modules.get("torch")
     if torch is not None and torch.cuda.is_available():
         out["peak_cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20

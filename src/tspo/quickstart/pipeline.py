@@ -292,8 +292,8 @@ def ensure_policy(
     mark_done(paths.sft, stage_fp, info=info)
     console.print(
         f"  {info['parameters'] / 1e6:.1f}M-parameter policy, {info['episodes']} expert episodes "
-        f"(expert EM {info['expert_em']:.2f}), SFT loss {info['sft_loss_first']:.2f} -> "
-        f"{info['sft_loss_last']:.2f} -> {paths.sft}"
+        f"(expert EM {info['expert_em']:.2f}), SFT loss {info['sft_loss_first']:.2f} "
+        f"(first step) -> {info['sft_loss_last']:.2f} (mean of the last 10) -> {paths.sft}"
     )
     return info
 

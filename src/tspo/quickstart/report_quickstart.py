@@ -137,11 +137,12 @@ def write_quickstart_report(
         "",
         f"- World: seed {settings.world.seed}, size `{settings.world.size}`; questions per "
         f"split {facts['world']}.",
-        f"- Policy: Qwen2-style, {policy['parameters']:,} parameters, vocabulary "
+        f"- Policy: Llama-shaped, {policy['parameters']:,} parameters, vocabulary "
         f"{policy['vocab_size']}; SFT on {policy['episodes']} noisy expert episodes (expert EM "
         f"{policy['expert_em']:.2f}: early answers {settings.policy.early_answer}, wrong queries "
         f"{settings.policy.wrong_query}), {policy['sft_steps']} steps, loss "
-        f"{policy['sft_loss_first']:.2f} -> {policy['sft_loss_last']:.2f}.",
+        f"{policy['sft_loss_first']:.2f} (first step) -> {policy['sft_loss_last']:.2f} "
+        "(mean of the last 10 steps).",
         f"- RL: `{rl.estimator}`, {rl.steps} steps x {rl.prompts_per_step} questions x group "
         f"{rl.group_size}, lr {rl.lr}, KL {rl.kl_coef}, alpha {rl.alpha}, top-{rl.topk} BM25, "
         f"{rl.max_turns} turns.",

@@ -518,8 +518,7 @@ def run_step(run: _Run, step: int) -> tuple[dict[str, Any], list[dict[str, Any]]
         "generated_tokens": generated_tokens,
         "rollout_tokens_per_s": generated_tokens / max(rollout_seconds, 1e-9),
         "update_tokens_per_s": loss_metrics["update_tokens"] / max(update_seconds, 1e-9),
-        "peak_cuda_mb": None,  # written as null when CUDA is not used
-        **peak_memory_mb(),
+        **peak_memory_mb(),  # peak_cuda_mb is null when CUDA is not used
     }
     samples = trajectory_samples(rollout, advantages, step, config.logging.samples_per_step)
     return metrics, samples
