@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -433,7 +433,3 @@ def start_run(out: str | Path, threads: int | None, *, fresh: bool) -> RunPaths:
         shutil.rmtree(paths.root)
     paths.root.mkdir(parents=True, exist_ok=True)
     return paths
-
-
-def settings_record(settings: QuickstartSettings) -> dict[str, Any]:
-    return asdict(settings)
