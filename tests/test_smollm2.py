@@ -84,6 +84,8 @@ def test_one_training_step_and_eval(
             "rollout.max_turn_tokens=8",
             "rollout.max_obs_tokens=16",
             "logging.progress=false",
+            "eval.every=0",  # the preset validates on the recipe's data/wiki, not written here
+            "eval.files=[]",
             # Adapters keep the step light (no 135M-parameter AdamW state, no 1.6 GB checkpoint);
             # full fine-tuning is the same code path, covered by the micro-model tests.
             "model.lora.enabled=true",

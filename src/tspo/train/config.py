@@ -316,9 +316,8 @@ class TrainConfig(_Section):
             )
         if self.eval.every and not self.eval.files:
             raise TSPOError("config field 'eval.files': give the QA files to validate on")
-        for path in self.eval.files:
-            if not Path(path).is_file():
-                raise TSPOError(f"config field 'eval.files': no such file {path}")
+        # Whether the files exist is checked before a run starts (tspo.preflight), as for
+        # data.train_files: a preset stays valid before its data has been written.
         batch = self.train.prompts_per_step * self.rollout.group_size
         mini = self.train.mini_batch_size or batch
         if batch % mini:
