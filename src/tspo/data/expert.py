@@ -73,12 +73,14 @@ class _Episode:
 # then starts with the same token inside a tag as in running text, so copying it is one move.
 
 
-def _search_turn(think: str, query: str) -> str:
+def search_turn(think: str, query: str) -> str:
+    """One search turn: an optional ``<think>`` line, then the query."""
     prefix = f"{THINK_OPEN} {think} {THINK_CLOSE}\n" if think else ""
     return f"{prefix}{SEARCH_OPEN} {query} {SEARCH_CLOSE}"
 
 
-def _answer_turn(think: str, answer: str) -> str:
+def answer_turn(think: str, answer: str) -> str:
+    """One answer turn: an optional ``<think>`` line, then the answer."""
     prefix = f"{THINK_OPEN} {think} {THINK_CLOSE}\n" if think else ""
     return f"{prefix}{ANSWER_OPEN} {answer} {ANSWER_CLOSE}"
 
@@ -153,7 +155,7 @@ def _advance(
 ) -> None:
     """Record the turn that issued ``pending_query`` and its observation, then plan the next one."""
     traj = episode.trajectory
-    traj.generated.append(_search_turn(episode.pending_think, episode.pending_query))
+    traj.generated.append(search_turn(episode.pending_think, episode.pending_query))
     traj.observations.append(format_documents([(h.title, h.text) for h in hits]))
 
     relation = episode.relations[episode.hop]
@@ -178,7 +180,7 @@ def _advance(
 
 
 def _finish(episode: _Episode, think: str, answer: str) -> None:
-    episode.trajectory.generated.append(_answer_turn(think, answer))
+    episode.trajectory.generated.append(answer_turn(think, answer))
     episode.trajectory.observations.append(None)
     episode.trajectory.final_answer = answer
     episode.done = True

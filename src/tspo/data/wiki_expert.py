@@ -23,16 +23,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from tspo.data.expert import ExpertTrajectory
+from tspo.data.expert import ExpertTrajectory, answer_turn, search_turn
 from tspo.data.qa import QAExample
 from tspo.data.wiki import normalize_text
 from tspo.protocol import (
-    ANSWER_CLOSE,
-    ANSWER_OPEN,
-    SEARCH_CLOSE,
-    SEARCH_OPEN,
-    THINK_CLOSE,
-    THINK_OPEN,
     format_documents,
     special_tokens_of,
     truncate_to_tokens,
@@ -60,18 +54,6 @@ class WikiExpertResult:
     def skip_counts(self) -> Counter[str]:
         """How many questions were skipped for each reason."""
         return Counter(self.skipped.values())
-
-
-# Tag contents get a space on each side, as in the prompt's example (<answer> Paris </answer>).
-
-
-def _search_turn(query: str, think: str = "") -> str:
-    prefix = f"{THINK_OPEN} {think} {THINK_CLOSE}\n" if think else ""
-    return f"{prefix}{SEARCH_OPEN} {query} {SEARCH_CLOSE}"
-
-
-def _answer_turn(think: str, answer: str) -> str:
-    return f"{THINK_OPEN} {think} {THINK_CLOSE}\n{ANSWER_OPEN} {answer} {ANSWER_CLOSE}"
 
 
 def documents_of(observation: str) -> list[tuple[int, str, str]]:
@@ -175,7 +157,7 @@ def run_wiki_expert(
         number, answer = found
         solved[position] = ExpertTrajectory(
             example,
-            [_search_turn(query), _answer_turn(f"Doc {number} answers the question.", answer)],
+            [search_turn("", query), answer_turn(f"Doc {number} answers the question.", answer)],
             [observation, None],
             answer,
         )
@@ -202,9 +184,9 @@ def run_wiki_expert(
         solved[position] = ExpertTrajectory(
             example,
             [
-                _search_turn(clue),
-                _search_turn(query, think),
-                _answer_turn(f"Doc {number} mentions it.", answer),
+                search_turn("", clue),
+                search_turn(think, query),
+                answer_turn(f"Doc {number} mentions it.", answer),
             ],
             [first_obs, observation, None],
             answer,
