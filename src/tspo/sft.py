@@ -274,6 +274,7 @@ def fine_tune_causal_lm(
     import time
 
     from tspo.models.loading import load_policy
+    from tspo.models.tiny import count_parameters
     from tspo.utils import apply_thread_policy, progress_bar, set_seed
 
     if not episodes:
@@ -313,6 +314,8 @@ def fine_tune_causal_lm(
     record = {
         **(info or {}),
         "base": base,
+        "parameters": count_parameters(model),
+        "vocab_size": len(tokenizer),
         "episodes": len(examples),
         "lora": lora,
         "use_chat_template": config.use_chat_template,

@@ -19,7 +19,7 @@ from tspo.data.qa import QAExample
 from tspo.errors import TSPOError
 from tspo.quickstart.settings import PolicyStage, QuickstartSettings, RLStage, fingerprint
 from tspo.retrieval.base import Retriever
-from tspo.utils import progress_bar, write_json
+from tspo.utils import write_json
 
 STAGE_FILE = "stage.json"
 PRACTICE_SEED_BASE = 1_000_000  # practice worlds' seeds start here, far from user seeds
@@ -203,48 +203,34 @@ def train_policy(
     ones learned to emit a broken turn first (``<think> Name </answer>``) on most questions.
     Returns facts for the report.
     """
+    from dataclasses import replace
+
     from tspo.algo import exact_match
-    from tspo.models.loading import load_policy
-    from tspo.models.tiny import count_parameters
-    from tspo.sft import encode_episode, save_policy, train_sft
+    from tspo.sft import fine_tune_causal_lm
     from tspo.utils import set_seed
 
     set_seed(policy.seed)
     own, practice, _ = expert_episodes(world, retriever, policy, topk, max_turns)
-    model, tokenizer = load_policy(policy.base, device="cpu")
     episodes = own + practice
-    examples = [
-        encode_episode(
-            tokenizer,
-            episode.example.question,
-            episode.generated,
-            episode.observations,
-            max_obs_tokens=max_obs_tokens,
-            use_chat_template=policy.sft.use_chat_template,
-        )
-        for episode in episodes
-    ]
-    with progress_bar(disable=not show_progress) as progress:
-        task = progress.add_task("SFT", total=None)
-
-        def on_step(step: int, total: int, loss: float) -> None:
-            progress.update(task, completed=step, total=total, description=f"SFT (loss {loss:.3f})")
-
-        losses = train_sft(
-            model, examples, policy.sft, pad_id=tokenizer.pad_token_id, on_step=on_step
-        )
-    save_policy(model, tokenizer, out_dir)
     expert_em = sum(exact_match(e.final_answer or "", e.example.golds) for e in episodes)
+    record = fine_tune_causal_lm(
+        policy.base,
+        episodes,
+        replace(policy.sft, max_obs_tokens=max_obs_tokens),
+        out_dir,
+        device="cpu",
+        show_progress=show_progress,
+    )
     return {
         "base": policy.base,
         "episodes": len(episodes),
         "own_episodes": len(own),
         "expert_em": expert_em / max(1, len(episodes)),
-        "parameters": count_parameters(model),
-        "vocab_size": len(tokenizer),
-        "sft_steps": len(losses),
-        "sft_loss_first": losses[0],
-        "sft_loss_last": sum(losses[-10:]) / len(losses[-10:]),
+        "parameters": record["parameters"],
+        "vocab_size": record["vocab_size"],
+        "sft_steps": record["steps"],
+        "sft_loss_first": record["loss_first"],
+        "sft_loss_last": record["loss_last"],
     }
 
 
