@@ -17,6 +17,7 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from tspo.data.qa import QAExample
 from tspo.data.world import RELATIONS, World, relation_pattern
@@ -29,7 +30,9 @@ from tspo.protocol import (
     THINK_OPEN,
     format_documents,
 )
-from tspo.retrieval.base import Hit, Retriever
+
+if TYPE_CHECKING:
+    from tspo.retrieval.base import Hit, Retriever
 
 
 @dataclass(frozen=True)
