@@ -13,8 +13,13 @@ from pathlib import Path
 from typing import Any
 
 from tspo.errors import TSPOError
-from tspo.retrieval.base import split_contents
 from tspo.utils import atomic_write_text
+
+
+def split_contents(contents: str) -> tuple[str, str]:
+    """Split a corpus ``contents`` string into (title, text); the title is the first line."""
+    title, _, text = contents.partition("\n")
+    return title.strip().strip('"'), text.strip()
 
 
 @dataclass(frozen=True)

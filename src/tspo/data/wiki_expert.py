@@ -21,7 +21,7 @@ import re
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tspo.data.expert import ExpertTrajectory, answer_turn, search_turn
 from tspo.data.qa import QAExample
@@ -31,7 +31,9 @@ from tspo.protocol import (
     special_tokens_of,
     truncate_to_tokens,
 )
-from tspo.retrieval.base import Retriever
+
+if TYPE_CHECKING:
+    from tspo.retrieval.base import Retriever
 
 _SINGLE = re.compile(r"^(?:Who|What) (?:is|was|are|were) (?P<description>.+?)\?$")
 _BRIDGE = re.compile(r"^Which (?P<kind>.+?) has a summary that mentions (?P<clue>.+?)\?$")

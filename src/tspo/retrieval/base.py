@@ -21,12 +21,6 @@ class Hit:
         return f"{self.title}\n{self.text}"
 
 
-def split_contents(contents: str) -> tuple[str, str]:
-    """Split a corpus ``contents`` string into (title, text); the title is the first line."""
-    title, _, text = contents.partition("\n")
-    return title.strip().strip('"'), text.strip()
-
-
 class Retriever(ABC):
     """Batched retrieval: one call answers many queries, in order."""
 

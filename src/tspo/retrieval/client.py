@@ -13,8 +13,9 @@ from typing import Any
 
 import httpx
 
+from tspo.data.corpus import split_contents
 from tspo.errors import TSPOError
-from tspo.retrieval.base import Hit, Retriever, split_contents
+from tspo.retrieval.base import Hit, Retriever
 
 TOKEN_ENV = "TSPO_RETRIEVER_TOKEN"
 """Environment variable holding the bearer token, read by the client and the server."""
