@@ -10,10 +10,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from retrieval_helpers import TOPICS, corpus_docs
+from scipy import sparse
 
+from tspo.data.corpus import CorpusDoc
 from tspo.errors import TSPOError
 from tspo.retrieval.base import Hit
-from tspo.retrieval.bm25 import BM25Retriever, tokenize
+from tspo.retrieval.bm25 import MMAP_ENV, BM25Retriever, build_folder, index_arrays, tokenize
+from tspo.retrieval.documents import MappedDocumentTable
 
 RETRIEVER = BM25Retriever.from_docs(corpus_docs())
 
@@ -111,3 +114,70 @@ def test_large_batches_are_scored_in_blocks(monkeypatch):
     blocked = RETRIEVER.search(queries, topk=2)
     monkeypatch.undo()
     assert blocked == RETRIEVER.search(queries, topk=2)
+
+
+def _random_docs(n: int, seed: int = 0) -> list[CorpusDoc]:
+    """Documents of words drawn with repeats, so counts, lengths and document frequencies vary."""
+    rng = np.random.default_rng(seed)
+    words = [f"w{i}" for i in range(60)] + ["the", "and", "of"]
+    return [
+        CorpusDoc(
+            id=f"r{i}",
+            title=f"Title {i % 7}",
+            text=" ".join(rng.choice(words, size=int(rng.integers(0, 40)))),
+        )
+        for i in range(n)
+    ]
+
+
+@pytest.mark.parametrize("chunk_docs", [1, 7, 10_000])
+def test_streaming_arrays_equal_bm25s_index(chunk_docs):
+    docs = [*corpus_docs(), *_random_docs(120)]
+    contents = [f"{d.title}\n{d.text}" for d in docs]
+    scores, vocab = index_arrays(iter(contents), chunk_docs=chunk_docs, k1=1.2, b=0.7)
+    reference = bm25s.BM25(k1=1.2, b=0.7)
+    reference.index([tokenize(c) for c in contents], show_progress=False)
+    ours = sparse.csc_matrix(
+        (scores["data"], scores["indices"], scores["indptr"]), shape=(len(docs), len(vocab) - 1)
+    )
+    ref = reference.scores
+    theirs = sparse.csc_matrix(
+        (ref["data"], ref["indices"], ref["indptr"]),
+        shape=(len(docs), len(reference.vocab_dict) - 1),
+    )
+    # the same (document, token) scores, whatever ids the two vocabularies give each token
+    for token, ref_id in reference.vocab_dict.items():
+        if token == "":
+            continue
+        np.testing.assert_allclose(
+            ours[:, vocab[token]].toarray(), theirs[:, ref_id].toarray(), rtol=1e-6
+        )
+    assert vocab[""] == len(vocab) - 1
+    assert scores["indices"].dtype == scores["indptr"].dtype
+
+
+def test_streaming_folder_loads_like_a_saved_index(tmp_path):
+    docs = [*corpus_docs(), *_random_docs(50, seed=1)]
+    count = build_folder(iter(docs), tmp_path / "streamed", chunk_docs=5)
+    assert count == len(docs)
+    BM25Retriever.from_docs(docs).save(tmp_path / "saved")
+    queries = [query for _, _, query in TOPICS] + ["w1 w2 w3", "title 3 w5"]
+    expected = BM25Retriever.load(tmp_path / "saved").search(queries, topk=5)
+    for mmap in (False, True):
+        loaded = BM25Retriever.load(tmp_path / "streamed", mmap=mmap)
+        assert len(loaded) == len(docs)
+        assert loaded.search(queries, topk=5) == expected
+
+
+def test_mmap_load_maps_arrays_and_documents(tmp_path, monkeypatch):
+    RETRIEVER.save(tmp_path / "idx")  # no offsets file: the mapped table scans for newlines
+    loaded = BM25Retriever.load(tmp_path / "idx", mmap=True)
+    assert isinstance(loaded.table, MappedDocumentTable)
+    assert isinstance(loaded.model.scores["data"], np.memmap)
+    assert loaded._term_doc.data.base is not None  # scipy kept the mapped array, no copy
+    queries = [query for _, _, query in TOPICS]
+    assert loaded.search(queries, topk=3) == RETRIEVER.search(queries, topk=3)
+    monkeypatch.setenv(MMAP_ENV, "1")
+    assert isinstance(BM25Retriever.load(tmp_path / "idx").table, MappedDocumentTable)
+    monkeypatch.setenv(MMAP_ENV, "0")
+    assert not isinstance(BM25Retriever.load(tmp_path / "idx").table, MappedDocumentTable)

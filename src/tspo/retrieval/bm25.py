@@ -5,13 +5,21 @@ per-term BM25 contributions. A batch of queries is scored in one sparse product 
 matrix (term counts x contributions, the sum bm25s computes one query at a time), so answering
 many queries together costs much less per query than one by one; the server's micro-batching
 relies on that.
+
+The index is built in one streaming pass (:func:`index_arrays`): documents are tokenised in
+chunks straight into integer term ids, each chunk is reduced to (document, term, count) triples
+with numpy, and the per-term contributions are computed once at the end, in bm25s's formulas
+(``lucene`` BM25, the bm25s default) and bm25s's on-disk layout. The corpus and its token
+strings are never held in memory at once; a million passages build in a few GB. ``load(...,
+mmap=True)`` memory-maps the arrays and the documents instead of reading them.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +30,12 @@ from scipy import sparse
 
 from tspo.errors import TSPOError
 from tspo.retrieval.base import Hit, Retriever
-from tspo.retrieval.documents import DocLike, DocumentTable
+from tspo.retrieval.documents import (
+    DOCUMENTS_FILE,
+    DocLike,
+    DocumentTable,
+    MappedDocumentTable,
+)
 
 MODEL_DIR = "bm25"
 PARAMS_FILE = "bm25.json"
@@ -30,6 +43,9 @@ TOKENIZER = "regex-w2-lower-stopwords-en"
 TOKEN_PATTERN = re.compile(r"(?u)\b\w\w+\b")  # bm25s's default split: runs of >= 2 word chars
 STOPWORD_SET = frozenset(STOPWORDS_EN)
 MAX_SCORE_CELLS = 1 << 24  # queries x documents scored at once: bounds the dense score block
+CHUNK_DOCS = 20_000  # documents tokenised per chunk of the streaming build
+OFFSETS_FILE = "doc_offsets.npy"  # under MODEL_DIR: byte offset of each line of documents.jsonl
+MMAP_ENV = "TSPO_INDEX_MMAP"  # "1": load indexes memory-mapped unless told otherwise
 
 
 def make_stemmer(language: str | None) -> Any:
@@ -54,6 +70,161 @@ def tokenize(text: str, stemmer: Any = None) -> list[str]:
     return stemmer.stemWords(tokens) if stemmer is not None and tokens else tokens
 
 
+def mmap_default(mmap: bool | None) -> bool:
+    """``mmap`` when given, else whether ``$TSPO_INDEX_MMAP`` is set to 1/true/yes/on."""
+    if mmap is not None:
+        return mmap
+    return os.environ.get(MMAP_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _chunk_triples(
+    flat_ids: list[int], lengths: list[int], first_doc: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(document, term, count) of each distinct term of each document in one chunk."""
+    ids = np.asarray(flat_ids, dtype=np.int64)
+    local = np.repeat(np.arange(len(lengths), dtype=np.int64), lengths)
+    keys, counts = np.unique((local << 32) | ids, return_counts=True)
+    docs = (keys >> 32).astype(np.int32) + np.int32(first_doc)
+    terms = (keys & 0xFFFFFFFF).astype(np.int32)
+    return docs, terms, counts.astype(np.float32)
+
+
+def _lucene_scores(
+    docs: np.ndarray,
+    terms: np.ndarray,
+    counts: np.ndarray,
+    doc_lengths: np.ndarray,
+    doc_freqs: np.ndarray,
+    *,
+    k1: float,
+    b: float,
+    block: int = 1 << 22,
+) -> np.ndarray:
+    """bm25s's ``lucene`` contribution of each (document, term, count) triple, as float32.
+
+    Same arithmetic as bm25s (float32 idf times a float64 term-frequency part), so the arrays
+    equal those ``bm25s.BM25().index(...)`` builds; computed in blocks to bound temporaries.
+    """
+    n_docs = len(doc_lengths)
+    with np.errstate(divide="ignore"):
+        idf = np.log(1 + (n_docs - doc_freqs + 0.5) / (doc_freqs + 0.5)).astype(np.float32)
+    avg_len = np.float64(doc_lengths.mean()) if n_docs else np.float64(1.0)
+    out = np.empty(len(docs), dtype=np.float32)
+    for start in range(0, len(docs), block):
+        sl = slice(start, start + block)
+        tf = counts[sl].astype(np.float64)
+        norm = k1 * ((1 - b) + b * doc_lengths[docs[sl]] / avg_len)
+        out[sl] = idf[terms[sl]] * (tf / (norm + tf))
+    return out
+
+
+def index_arrays(
+    contents: Iterable[str],
+    *,
+    k1: float = 1.5,
+    b: float = 0.75,
+    stemmer: Any = None,
+    chunk_docs: int = CHUNK_DOCS,
+) -> tuple[dict[str, Any], dict[str, int]]:
+    """bm25s's index (``scores`` arrays, vocabulary) of ``contents``, streamed in chunks.
+
+    Holds the integer (document, term, count) triples, never the texts or token strings: memory
+    is about 20 bytes per distinct term of each document plus one chunk of text.
+    """
+    vocab: dict[str, int] = {}
+    doc_lengths: list[int] = []
+    parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+    flat: list[int] = []
+    lengths: list[int] = []
+    for text in contents:
+        ids = [vocab.setdefault(t, len(vocab)) for t in tokenize(text, stemmer)]
+        flat.extend(ids)
+        lengths.append(len(ids))
+        if len(lengths) >= chunk_docs:
+            parts.append(_chunk_triples(flat, lengths, len(doc_lengths)))
+            doc_lengths.extend(lengths)
+            flat, lengths = [], []
+    if lengths:
+        parts.append(_chunk_triples(flat, lengths, len(doc_lengths)))
+        doc_lengths.extend(lengths)
+    del flat, lengths
+    docs = np.concatenate([p[0] for p in parts]) if parts else np.zeros(0, np.int32)
+    terms = np.concatenate([p[1] for p in parts]) if parts else np.zeros(0, np.int32)
+    counts = np.concatenate([p[2] for p in parts]) if parts else np.zeros(0, np.float32)
+    del parts
+    n_vocab = len(vocab)
+    doc_freqs = np.bincount(terms, minlength=n_vocab).astype(np.float64)
+    data = _lucene_scores(
+        docs, terms, counts, np.asarray(doc_lengths, np.float64), doc_freqs, k1=k1, b=b
+    )
+    del counts
+    order = np.argsort(terms, kind="stable")  # term-major, documents ascending within a term
+    del terms
+    # scipy wants indices and indptr of one dtype; a mismatch would copy a memory-mapped array
+    index_dtype = np.int32 if len(order) < np.iinfo(np.int32).max else np.int64
+    indptr = np.zeros(n_vocab + 1, dtype=index_dtype)
+    np.cumsum(doc_freqs.astype(np.int64), out=indptr[1:])
+    scores = {
+        "data": data[order],
+        "indices": docs[order].astype(index_dtype, copy=False),
+        "indptr": indptr,
+        "num_docs": len(doc_lengths),
+    }
+    vocab.setdefault("", n_vocab)  # bm25s's empty token: a vocabulary entry without postings
+    return scores, vocab
+
+
+def _bm25s_model(scores: dict[str, Any], vocab: dict[str, int], *, k1: float, b: float) -> Any:
+    model = bm25s.BM25(k1=k1, b=b)
+    model.scores = scores
+    model.vocab_dict = vocab
+    model.unique_token_ids_set = set(vocab.values())
+    model.nonoccurrence_array = None  # lucene BM25 scores absent terms as 0
+    return model
+
+
+def build_folder(
+    docs: Iterable[DocLike],
+    folder: str | Path,
+    *,
+    k1: float = 1.5,
+    b: float = 0.75,
+    stemmer: str | None = None,
+    chunk_docs: int = CHUNK_DOCS,
+) -> int:
+    """Index ``docs`` into ``folder`` in one streaming pass; the number of documents.
+
+    Writes what :meth:`BM25Retriever.save` writes plus the byte offset of each document line,
+    while holding only the index arrays and one chunk of text: the way to index corpora that
+    would not fit in memory as Python objects.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / MODEL_DIR).mkdir(exist_ok=True)
+    offsets: list[int] = [0]
+    with open(folder / DOCUMENTS_FILE, "wb") as handle:
+
+        def contents() -> Iterator[str]:
+            for doc in docs:
+                text = f"{doc.title}\n{doc.text}"
+                line = json.dumps({"id": str(doc.id), "contents": text}, ensure_ascii=False)
+                offsets.append(offsets[-1] + handle.write((line + "\n").encode("utf-8")))
+                yield text
+
+        scores, vocab = index_arrays(
+            contents(), k1=k1, b=b, stemmer=make_stemmer(stemmer), chunk_docs=chunk_docs
+        )
+        handle.flush()
+        os.fsync(handle.fileno())
+    if scores["num_docs"] == 0:
+        raise TSPOError("cannot build a BM25 index over an empty corpus")
+    _bm25s_model(scores, vocab, k1=k1, b=b).save(str(folder / MODEL_DIR), show_progress=False)
+    np.save(folder / MODEL_DIR / OFFSETS_FILE, np.asarray(offsets, dtype=np.int64))
+    params = {"stemmer": stemmer, "tokenizer": TOKENIZER}
+    (folder / PARAMS_FILE).write_text(json.dumps(params) + "\n", encoding="utf-8")
+    return int(scores["num_docs"])
+
+
 def top_k_rows(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Per row of ``scores`` (queries, docs): the ``k`` best (docs, scores), best first."""
     part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
@@ -65,7 +236,13 @@ def top_k_rows(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
 class BM25Retriever(Retriever):
     """Lexical search over a document table; ``search`` answers a whole batch in one call."""
 
-    def __init__(self, model: bm25s.BM25, table: DocumentTable, *, stemmer: str | None = None):
+    def __init__(
+        self,
+        model: bm25s.BM25,
+        table: DocumentTable | MappedDocumentTable,
+        *,
+        stemmer: str | None = None,
+    ):
         self.model = model
         self.table = table
         self.stemmer_name = stemmer
@@ -89,11 +266,9 @@ class BM25Retriever(Retriever):
         table = DocumentTable.from_docs(docs)
         if len(table) == 0:
             raise TSPOError("cannot build a BM25 index over an empty corpus")
-        stemmer_fn = make_stemmer(stemmer)
-        tokens = [tokenize(contents, stemmer_fn) for contents in table.contents_list()]
-        model = bm25s.BM25(k1=k1, b=b)
-        model.index(tokens, show_progress=False)
-        return cls(model, table, stemmer=stemmer)
+        contents = (f"{t}\n{x}" for t, x in zip(table.titles, table.texts, strict=True))
+        scores, vocab = index_arrays(contents, k1=k1, b=b, stemmer=make_stemmer(stemmer))
+        return cls(_bm25s_model(scores, vocab, k1=k1, b=b), table, stemmer=stemmer)
 
     def __len__(self) -> int:
         return len(self.table)
@@ -145,12 +320,18 @@ class BM25Retriever(Retriever):
         (folder / PARAMS_FILE).write_text(json.dumps(params) + "\n", encoding="utf-8")
 
     @classmethod
-    def load(cls, folder: str | Path) -> BM25Retriever:
-        """Load what :meth:`save` wrote; any damage is a one-line TSPOError."""
+    def load(cls, folder: str | Path, *, mmap: bool | None = None) -> BM25Retriever:
+        """Load what :meth:`save` or :func:`build_folder` wrote; damage is a one-line TSPOError.
+
+        ``mmap=True`` memory-maps the index arrays and the documents (pages are read when a
+        query touches them), so loading takes about a second whatever the corpus size and
+        the resident memory stays a fraction of the index. ``None``: ``$TSPO_INDEX_MMAP``.
+        """
         folder = Path(folder)
+        mmap = mmap_default(mmap)
         try:
             params = json.loads((folder / PARAMS_FILE).read_text(encoding="utf-8"))
-            model = bm25s.BM25.load(str(folder / MODEL_DIR), show_progress=False)
+            model = bm25s.BM25.load(str(folder / MODEL_DIR), show_progress=False, mmap=mmap)
         except (OSError, ValueError, KeyError, EOFError) as err:
             raise TSPOError(f"BM25 index in {folder} is unreadable: {err}") from err
         if params.get("tokenizer") != TOKENIZER:
@@ -158,7 +339,12 @@ class BM25Retriever(Retriever):
                 f"BM25 index in {folder} uses tokenizer {params.get('tokenizer')!r}; this tspo "
                 f"uses {TOKENIZER!r}: rebuild it with `tspo index build`"
             )
-        table = DocumentTable.load(folder)
+        table: DocumentTable | MappedDocumentTable
+        table = (
+            MappedDocumentTable.open(folder, folder / MODEL_DIR / OFFSETS_FILE)
+            if mmap
+            else (DocumentTable.load(folder))
+        )
         indexed = int(model.scores["num_docs"])
         if indexed != len(table):
             raise TSPOError(

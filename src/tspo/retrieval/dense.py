@@ -275,14 +275,17 @@ class DenseRetriever(Retriever):
         (folder / PARAMS_FILE).write_text(json.dumps(params) + "\n", encoding="utf-8")
 
     @classmethod
-    def load(cls, folder: str | Path) -> DenseRetriever:
+    def load(cls, folder: str | Path, *, mmap: bool | None = None) -> DenseRetriever:
         """Load what :meth:`save` wrote; any damage is a one-line TSPOError."""
         import faiss
 
+        from tspo.retrieval.bm25 import mmap_default
+
         folder = Path(folder)
+        flags = faiss.IO_FLAG_MMAP if mmap_default(mmap) else 0
         try:
             params = json.loads((folder / PARAMS_FILE).read_text(encoding="utf-8"))
-            index = faiss.read_index(str(folder / INDEX_FILE))
+            index = faiss.read_index(str(folder / INDEX_FILE), flags)
         except (OSError, ValueError, RuntimeError) as err:
             first_line = str(err).strip().splitlines()[0] if str(err).strip() else repr(err)
             raise TSPOError(f"dense index in {folder} is unreadable: {first_line}") from err

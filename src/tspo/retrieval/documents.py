@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
+
+import numpy as np
 
 from tspo.retrieval.base import Hit
 
@@ -66,3 +69,57 @@ class DocumentTable:
         from tspo.data.corpus import read_corpus
 
         return cls.from_docs(read_corpus(Path(folder) / DOCUMENTS_FILE))
+
+
+class MappedDocumentTable:
+    """``documents.jsonl`` memory-mapped: a hit parses its own line, nothing is read up front.
+
+    The line offsets come from ``offsets_path`` (an int64 ``.npy`` of ``rows + 1`` byte
+    positions, written by the streaming BM25 build) or, when that file is absent, from one scan
+    of the file for newlines.
+    """
+
+    def __init__(self, data: np.ndarray, offsets: np.ndarray):
+        self._data = data
+        self._offsets = offsets
+
+    @classmethod
+    def open(
+        cls, folder: str | Path, offsets_path: str | Path | None = None
+    ) -> MappedDocumentTable:
+        path = Path(folder) / DOCUMENTS_FILE
+        size = path.stat().st_size
+        data = np.memmap(path, dtype=np.uint8, mode="r") if size else np.zeros(0, np.uint8)
+        if offsets_path is not None and Path(offsets_path).is_file():
+            offsets = np.load(offsets_path, mmap_mode="r")
+        else:
+            offsets = cls._scan_offsets(data)
+        if len(offsets) < 1 or int(offsets[-1]) != size:
+            raise ValueError(f"line offsets do not match {path}")
+        return cls(data, offsets)
+
+    @staticmethod
+    def _scan_offsets(data: np.ndarray, block: int = 1 << 26) -> np.ndarray:
+        ends = [
+            np.flatnonzero(data[start : start + block] == 10) + start + 1
+            for start in range(0, len(data), block)
+        ]
+        tail = [] if not len(data) or data[-1] == 10 else [np.array([len(data)])]
+        return np.concatenate([np.zeros(1, np.int64), *ends, *tail]).astype(np.int64)
+
+    def __len__(self) -> int:
+        return len(self._offsets) - 1
+
+    def save(self, folder: str | Path) -> None:
+        """Write the mapped lines, unchanged, as ``folder/documents.jsonl``."""
+        from tspo.utils import atomic_write_text
+
+        atomic_write_text(Path(folder) / DOCUMENTS_FILE, bytes(self._data).decode("utf-8"))
+
+    def hit(self, row: int, score: float) -> Hit:
+        start, end = int(self._offsets[row]), int(self._offsets[row + 1])
+        from tspo.data.corpus import split_contents
+
+        record = json.loads(bytes(self._data[start:end]).decode("utf-8"))
+        title, text = split_contents(record["contents"])
+        return Hit(doc_id=str(record["id"]), title=title, text=text, score=score)
