@@ -160,6 +160,6 @@ def test_bf16_autocast_stays_within_tolerance_of_fp32(world: TinyWorld) -> None:
 
 
 def open_corpus(world: TinyWorld):
-    from tspo.train.components import open_retriever
+    from tspo.retrieval.index import open_retriever
 
     return open_retriever(corpus=str(world.corpus))

@@ -11,7 +11,6 @@ from retrieval_helpers import TOPICS, corpus_docs, write_test_corpus
 
 from tspo.errors import TSPOError
 from tspo.retrieval.bm25 import BM25Retriever
-from tspo.retrieval.client import HttpRetriever
 from tspo.retrieval.index import (
     FORMAT_VERSION,
     build_index,
@@ -153,10 +152,17 @@ def test_index_built_from_another_corpus(index_dir, tmp_path):
         load_retriever(index_dir, corpus_path=other)
 
 
-def test_open_retriever_takes_a_folder_or_a_url(index_dir):
-    assert isinstance(open_retriever(index_dir), BM25Retriever)
-    with open_retriever("http://127.0.0.1:9/retrieve") as remote:
-        assert isinstance(remote, HttpRetriever)
+def test_open_retriever_takes_a_folder_a_url_or_a_corpus(corpus, index_dir):
+    assert isinstance(open_retriever(index=index_dir), BM25Retriever)
+    with open_retriever(corpus=corpus) as in_memory:
+        assert isinstance(in_memory, BM25Retriever)
+        assert len(in_memory.search(["anything"], topk=1)[0]) == 1
+    with pytest.raises(TSPOError, match="exactly one retriever"):
+        open_retriever(index=index_dir, corpus=corpus)
+    with pytest.raises(TSPOError, match="exactly one retriever"):
+        open_retriever()
+    with pytest.raises(TSPOError):  # a server is checked at once, before any model loads
+        open_retriever(url="http://127.0.0.1:9/retrieve", retries=0, timeout=2.0)
 
 
 def test_cli_build_and_one_line_errors(corpus, tmp_path):

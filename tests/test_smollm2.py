@@ -53,8 +53,8 @@ def test_one_training_step_and_eval(
     model_dir: Path, cache_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from tspo.evaluation import run_eval
+    from tspo.retrieval.index import open_retriever
     from tspo.rollout import RolloutConfig
-    from tspo.train.components import open_retriever
     from tspo.train.config import load_config
     from tspo.train.loop import train
 

@@ -420,7 +420,7 @@ def wiki_sft(
     from tspo.data.qa import read_qa
     from tspo.data.wiki_expert import run_wiki_expert
     from tspo.models.loading import load_tokenizer
-    from tspo.train.components import open_retriever
+    from tspo.retrieval.index import open_retriever
 
     data_dir = Path(data_dir)
     train_file = data_dir / "train.jsonl"

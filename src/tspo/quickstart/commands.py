@@ -183,7 +183,7 @@ def sft(
 
     from tspo.data.world import CORPUS_FILE, load_world
     from tspo.quickstart.pipeline import train_policy
-    from tspo.train.components import open_retriever
+    from tspo.retrieval.index import open_retriever
 
     loaded = load_world(world_dir)
     retriever = open_retriever(

@@ -183,7 +183,7 @@ def eval_command(
     request_threads(threads)
     _quiet_transformers()
     from tspo.evaluation import markdown_table, run_eval
-    from tspo.train.components import open_retriever
+    from tspo.retrieval.index import open_retriever
 
     rollout = _eval_rollout_config(
         model,

@@ -30,43 +30,9 @@ def load_examples(config: DataConfig) -> list[QAExample]:
     return examples
 
 
-def open_retriever(
-    *,
-    index: str | None = None,
-    url: str | None = None,
-    corpus: str | None = None,
-    token: str | None = None,
-    timeout: float = 30.0,
-    retries: int = 3,
-) -> Retriever:
-    """A retriever from an index folder, a server URL, or a corpus file (BM25 built in memory).
-
-    A server is checked at once (``HttpRetriever.check``: reachable, token accepted), so a wrong
-    URL or token fails in seconds with one line, before any model is loaded.
-    """
-    if sum(bool(source) for source in (index, url, corpus)) != 1:
-        raise TSPOError("give exactly one retriever: an index folder, a server URL or a corpus")
-    if url:
-        from tspo.retrieval.client import HttpRetriever
-
-        remote = HttpRetriever(url, token=token, timeout=timeout, retries=retries)
-        try:
-            remote.check()
-        except BaseException:
-            remote.close()
-            raise
-        return remote
-    if index:
-        from tspo.retrieval.index import load_retriever
-
-        return load_retriever(index)
-    from tspo.data.corpus import read_corpus
-    from tspo.retrieval.bm25 import BM25Retriever
-
-    return BM25Retriever.from_docs(read_corpus(corpus))  # type: ignore[arg-type]
-
-
 def retriever_from_config(config: RetrieverConfig) -> Retriever:
+    from tspo.retrieval.index import open_retriever
+
     return open_retriever(
         index=config.index,
         url=config.url,
