@@ -105,19 +105,22 @@ def build_index(
     partial = _partial_dir(out_dir)
     _prepare_partial(partial)
     with progress_bar(disable=not show_progress) as progress:
-        step = progress.add_task("reading corpus", total=None)
         corpus_sha = file_sha256(corpus_path)
-        docs = read_corpus(corpus_path)
-        progress.update(step, total=1, completed=1)
-        if kind == "bm25":
-            from tspo.retrieval.bm25 import BM25Retriever
+        if kind == "bm25":  # one streaming pass: the corpus is never held in memory
+            from tspo.data.corpus import iter_corpus
+            from tspo.retrieval.bm25 import build_folder
 
-            step = progress.add_task(f"BM25 indexing {len(docs)} documents", total=1)
-            retriever: Any = BM25Retriever.from_docs(docs, k1=k1, b=b, stemmer=stemmer)
+            step = progress.add_task("BM25 indexing (streaming)", total=1)
+            doc_count = build_folder(iter_corpus(corpus_path), partial, k1=k1, b=b, stemmer=stemmer)
             progress.update(step, completed=1)
             options: dict[str, Any] = {"stemmer": stemmer, "k1": k1, "b": b}
             encoder_name = None
+            retriever: Any = None
         else:
+            step = progress.add_task("reading corpus", total=None)
+            docs = read_corpus(corpus_path)
+            doc_count = len(docs)
+            progress.update(step, total=1, completed=1)
             from tspo.retrieval.dense import DenseRetriever
 
             dense_options = DenseBuildOptions(
@@ -144,13 +147,14 @@ def build_index(
             }
             encoder_name = retriever.encoder.name
         step = progress.add_task("saving index", total=1)
-        retriever.save(partial)
+        if retriever is not None:
+            retriever.save(partial)
         shutil.rmtree(partial / EMBEDDINGS_DIR, ignore_errors=True)
         manifest = {
             "format_version": FORMAT_VERSION,
             "kind": kind,
             "encoder": encoder_name,
-            "doc_count": len(docs),
+            "doc_count": doc_count,
             "corpus_sha256": corpus_sha,
             "corpus_path": str(corpus_path.resolve()),
             "options": options,
@@ -221,10 +225,17 @@ def check_files(index_dir: str | Path, manifest: dict[str, Any]) -> None:
             )
 
 
-def load_retriever(index_dir: str | Path, *, corpus_path: str | Path | None = None) -> Retriever:
+def load_retriever(
+    index_dir: str | Path,
+    *,
+    corpus_path: str | Path | None = None,
+    mmap: bool | None = None,
+) -> Retriever:
     """Open the index in ``index_dir`` (built by :func:`build_index`) as a `Retriever`.
 
     With ``corpus_path``, also check that the index was built from exactly that corpus file.
+    ``mmap=True`` memory-maps the index instead of reading it (BM25 arrays and documents; a
+    dense index of a type faiss can map); ``None`` follows ``$TSPO_INDEX_MMAP``.
     """
     index_dir = Path(index_dir)
     manifest = read_manifest(index_dir)
@@ -234,11 +245,11 @@ def load_retriever(index_dir: str | Path, *, corpus_path: str | Path | None = No
     if manifest["kind"] == "bm25":
         from tspo.retrieval.bm25 import BM25Retriever
 
-        retriever: Any = BM25Retriever.load(index_dir)
+        retriever: Any = BM25Retriever.load(index_dir, mmap=mmap)
     else:
         from tspo.retrieval.dense import DenseRetriever
 
-        retriever = DenseRetriever.load(index_dir)
+        retriever = DenseRetriever.load(index_dir, mmap=mmap)
     if len(retriever) != manifest["doc_count"]:
         raise TSPOError(
             f"index {index_dir} holds {len(retriever)} documents but its manifest says "
