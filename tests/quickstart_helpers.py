@@ -5,7 +5,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 
 from tspo.quickstart.settings import EvalStage, PolicyStage, QuickstartSettings, RLStage, WorldStage
-from tspo.sft import SFTConfig
+from tspo.train.sft import SFTConfig
 
 
 def mini_settings(**rl_overrides) -> QuickstartSettings:

@@ -9,7 +9,7 @@ from quickstart_helpers import mini_settings
 from rich.console import Console
 
 from tspo.quickstart.compare import COMPARE_PLOTS, aggregate, run_compare, summary_table
-from tspo.report import Curve, mean_std_curve, steps_to_reach
+from tspo.quickstart.report import Curve, mean_std_curve, steps_to_reach
 
 
 def test_mean_std_curve_uses_steps_every_seed_has():

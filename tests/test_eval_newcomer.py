@@ -126,8 +126,8 @@ def test_bf16_autocast_stays_within_tolerance_of_fp32(world: TinyWorld) -> None:
     """
     from transformers import AutoModelForCausalLM
 
-    from tspo.sft import SFTExample, collate, model_loss
     from tspo.train.forward import autocast_context
+    from tspo.train.sft import SFTExample, collate, model_loss
 
     model = AutoModelForCausalLM.from_pretrained(world.model_dir)
     generator = torch.Generator().manual_seed(0)

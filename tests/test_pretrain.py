@@ -31,7 +31,7 @@ from tspo.pretrain.loop import (
 )
 from tspo.pretrain.packing import PackedStream, StreamPosition
 from tspo.protocol import PROTOCOL_TAGS
-from tspo.sft import masked_lm_loss
+from tspo.train.sft import masked_lm_loss
 from tspo.utils import file_sha256
 
 TINY_MIX = PretrainMix(world_size="tiny")

@@ -151,17 +151,17 @@ def test_sft_cuts_observations_to_the_rollout_budget(tmp_path, monkeypatch):
     A policy fine-tuned on whole observations but rolled out on cut ones learned to start most
     answers with a broken turn.
     """
-    import tspo.sft
+    import tspo.train.sft
 
     budgets = []
-    real_encode = tspo.sft.encode_episode
+    real_encode = tspo.train.sft.encode_episode
 
     def recording_encode(*args, **kwargs):
         budgets.append(kwargs["max_obs_tokens"])
         return real_encode(*args, **kwargs)
 
-    monkeypatch.setattr(tspo.sft, "encode_episode", recording_encode)
-    monkeypatch.setattr(tspo.sft, "train_sft", lambda *a, **k: [1.0])
+    monkeypatch.setattr(tspo.train.sft, "encode_episode", recording_encode)
+    monkeypatch.setattr(tspo.train.sft, "train_sft", lambda *a, **k: [1.0])
     settings = mini_settings(max_obs_tokens=37)
     paths = RunPaths(tmp_path)
     console = Console(quiet=True)

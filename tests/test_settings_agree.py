@@ -22,9 +22,9 @@ from tspo.cli import app
 from tspo.quickstart.settings import PolicyStage, RLStage, WorldStage
 from tspo.retrieval.server import ServerLimits, create_app
 from tspo.rollout import RolloutConfig
-from tspo.sft import SFTConfig
 from tspo.train import config as train_config
 from tspo.train.config import AlgoConfig, RolloutSection
+from tspo.train.sft import SFTConfig
 
 
 def _keyword_defaults(fn: Any) -> dict[str, Any]:

@@ -11,7 +11,14 @@ from tspo.data.world import generate_world, iter_world_text, qa_examples
 from tspo.models.tiny import build_tiny_model, train_tokenizer
 from tspo.protocol import INFO_CLOSE, INFO_OPEN, PROMPT_TEMPLATE
 from tspo.retrieval.bm25 import BM25Retriever
-from tspo.sft import SFTConfig, collate, encode_episode, masked_lm_loss, save_policy, train_sft
+from tspo.train.sft import (
+    SFTConfig,
+    collate,
+    encode_episode,
+    masked_lm_loss,
+    save_policy,
+    train_sft,
+)
 
 
 class _Doc:

@@ -26,7 +26,7 @@ from tspo.data.wiki_expert import (
 )
 from tspo.protocol import parse_action
 from tspo.retrieval.bm25 import BM25Retriever
-from tspo.sft import SFTExample, collate, encode_episode, masked_lm_loss, model_loss
+from tspo.train.sft import SFTExample, collate, encode_episode, masked_lm_loss, model_loss
 
 
 class _Doc:

@@ -75,7 +75,7 @@ def build_task(folder: Path) -> dict[str, Path]:
     """QA file, corpus and an SFT warm-started micro policy, written into ``folder``."""
     from tspo.models.tiny import build_tiny_model, train_tokenizer
     from tspo.protocol import build_prompt
-    from tspo.sft import SFTConfig, encode_episode, save_policy, train_sft
+    from tspo.train.sft import SFTConfig, encode_episode, save_policy, train_sft
 
     qa = folder / "train.jsonl"
     write_flashrag_jsonl(

@@ -103,7 +103,7 @@ def evaluate(
     import torch
 
     from tspo.rollout import RolloutConfig, RolloutEngine
-    from tspo.sft import LogLines
+    from tspo.train.sft import LogLines
 
     rollout = rollout or RolloutConfig()
     engine = RolloutEngine(model, tokenizer, retriever, rollout)
@@ -221,7 +221,7 @@ def checkpoint_chat_template(model_path: str | Path) -> bool | None:
     checkpoint's ``config.yaml`` (``rollout.use_chat_template``) or ``tspo sft``'s
     ``tspo_sft.json``; None when it says nothing."""
     from tspo.errors import TSPOError
-    from tspo.sft import sft_info
+    from tspo.train.sft import sft_info
 
     folder = Path(model_path)
     if (folder / "config.yaml").is_file():
@@ -240,7 +240,7 @@ def checkpoint_chat_template(model_path: str | Path) -> bool | None:
 def resolve_chat_template(model_path: str | Path, tokenizer: Any, requested: bool | None) -> bool:
     """``requested`` when given, else what the checkpoint says, else whether the tokenizer has a
     chat template (instruct models do)."""
-    from tspo.sft import wants_chat_template
+    from tspo.train.sft import wants_chat_template
 
     if requested is None:
         requested = checkpoint_chat_template(model_path)

@@ -1,4 +1,4 @@
-"""CLI commands for this area (registered on tspo.cli_apps): ``tspo data wiki``."""
+"""`tspo data wiki` and `tspo data world` (registered on tspo.cli_apps.data_app)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ from pathlib import Path
 import typer
 
 from tspo.cli_apps import data_app
+
+WORLD_SIZES = "tiny|small|medium|large"
 
 
 @data_app.command("wiki")
@@ -58,4 +60,28 @@ def wiki(
         f"{dataset.n_docs} documents -> {dataset.out_dir / 'corpus.jsonl'}; "
         f"QA -> {dataset.out_dir}/{{train,dev,test}}.{{jsonl,parquet}} "
         f"in {time.perf_counter() - started:.1f} s"
+    )
+
+
+@data_app.command("world")
+def world(
+    out: Path = typer.Option(..., "--out", help="Folder for corpus.jsonl, the splits, world.json."),
+    seed: int = typer.Option(0, "--seed", help="Seed: the same seed always gives the same world."),
+    size: str = typer.Option("small", "--size", help=f"World size: {WORLD_SIZES}."),
+) -> None:
+    """Generate the synthetic search world: made-up entities, a corpus, 1-3 hop questions.
+
+    Writes corpus.jsonl (id, contents), train/dev/test.jsonl (FlashRAG) split by subject entity,
+    and world.json (entities and question chains, for the scripted expert).
+    """
+    from rich.console import Console
+
+    from tspo.data.world import generate_world, write_world
+
+    generated = generate_world(seed, size)
+    paths = write_world(generated, out)
+    counts = ", ".join(f"{split} {len(qs)}" for split, qs in generated.questions.items())
+    Console().print(
+        f"{len(generated.documents)} documents -> {paths['corpus']}; questions: {counts} "
+        f"-> {out}/{{train,dev,test}}.jsonl"
     )

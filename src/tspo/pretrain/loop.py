@@ -175,8 +175,8 @@ def pretrain(
     from tspo.models.tiny import count_parameters
     from tspo.pretrain.card import write_model_card
     from tspo.pretrain.gates import measure_gates
-    from tspo.sft import masked_lm_loss
     from tspo.train.forward import autocast_context
+    from tspo.train.sft import masked_lm_loss
 
     out = Path(out_dir)
     if (out / MODEL_DIR).is_dir():

@@ -31,8 +31,15 @@ from tspo.quickstart.pipeline import (
     stage_record,
     start_run,
 )
+from tspo.quickstart.report import (
+    Curve,
+    fmt,
+    mean_std_curve,
+    plot_curves,
+    read_jsonl,
+    steps_to_reach,
+)
 from tspo.quickstart.settings import QuickstartSettings
-from tspo.report import Curve, fmt, mean_std_curve, plot_curves, read_jsonl, steps_to_reach
 from tspo.utils import atomic_write_text, machine_info
 
 # (metrics.jsonl key or "test_em", plot file, title, y label)

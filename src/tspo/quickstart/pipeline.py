@@ -206,7 +206,7 @@ def train_policy(
     from dataclasses import replace
 
     from tspo.algo import exact_match
-    from tspo.sft import fine_tune_causal_lm
+    from tspo.train.sft import fine_tune_causal_lm
     from tspo.utils import set_seed
 
     set_seed(policy.seed)

@@ -7,7 +7,7 @@ from dataclasses import asdict
 from typing import Any
 
 from tspo.quickstart.pipeline import RunPaths
-from tspo.report import (
+from tspo.quickstart.report import (
     before_after_table,
     examples_section,
     plot_step_metrics,

@@ -37,7 +37,7 @@ def run_quickstart(
     import torch
 
     from tspo.evaluation import trajectory_record
-    from tspo.report import read_jsonl
+    from tspo.quickstart.report import read_jsonl
     from tspo.train.loop import train
 
     settings = settings or QuickstartSettings()

@@ -7,7 +7,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from tspo.sft import SFTConfig
+from tspo.train.sft import SFTConfig
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""`tspo train` and `tspo eval` (registered on tspo.cli_apps.app).
+"""`tspo train`, `tspo eval` and `tspo sft` (registered on tspo.cli_apps.app).
 
 Heavy imports (torch, transformers) happen inside the commands so `tspo --help` stays fast.
 """
@@ -6,6 +6,7 @@ Heavy imports (torch, transformers) happen inside the commands so `tspo --help` 
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
 
@@ -14,6 +15,7 @@ from rich.console import Console
 
 from tspo.cli_apps import app
 from tspo.errors import TSPOError
+from tspo.quickstart.settings import PolicyStage
 
 console = Console(stderr=True)
 
@@ -254,3 +256,211 @@ def _eval_rollout_config(model: str, **flags: object):
             }
     settings.update({name: value for name, value in flags.items() if value is not None})
     return RolloutConfig(**settings)  # type: ignore[arg-type]
+
+
+WIKI_SFT_BASE = "smollm2-135m-instruct"
+WIKI_SFT_LR = 1e-4
+WIKI_SFT_EPISODES = 800
+BF16_CHOICES: dict[str, bool | str] = {
+    "auto": "auto",
+    "on": True,
+    "true": True,
+    "off": False,
+    "false": False,
+}
+
+
+@app.command("sft")
+def sft(
+    out: Path = typer.Option(..., "--out", help="Folder for the HF checkpoint (model+tokenizer)."),
+    world_dir: Path | None = typer.Option(
+        None, "--world", help="Folder written by `tspo data world` (the tiny-policy warm start)."
+    ),
+    data_dir: Path | None = typer.Option(
+        None,
+        "--data",
+        help="Folder written by `tspo data wiki`: SFT any HF causal LM on its train questions.",
+    ),
+    index: Path | None = typer.Option(
+        None, "--index", help="BM25 index of the corpus; built in memory when omitted."
+    ),
+    epochs: int = typer.Option(1, "--epochs", help="Passes over the expert episodes."),
+    lr: float | None = typer.Option(
+        None,
+        "--lr",
+        help=f"Peak learning rate (AdamW, cosine decay); default {PolicyStage().sft.lr:g} with "
+        f"--world, {WIKI_SFT_LR:g} with --data.",
+    ),
+    episodes: int = typer.Option(
+        WIKI_SFT_EPISODES, "--episodes", help="--data: expert episodes to train on."
+    ),
+    batch_size: int = typer.Option(16, "--batch-size", help="--data: episodes per step."),
+    topk: int = typer.Option(
+        3, "--topk", help="--data: documents per search (match the RL config's rollout.topk)."
+    ),
+    max_obs_tokens: int = typer.Option(
+        500,
+        "--max-obs-tokens",
+        help="--data: tokens per <information> block (match rollout.max_obs_tokens).",
+    ),
+    chat_template: bool | None = typer.Option(
+        None,
+        "--chat-template/--no-chat-template",
+        help="--data: wrap prompts in the chat template (default: when the tokenizer has one).",
+    ),
+    bf16: str = typer.Option(
+        "auto", "--bf16", help="bf16 autocast, fp32 weights: auto (where supported), on or off."
+    ),
+    lora: bool = typer.Option(
+        False, "--lora", help="--data: train LoRA adapters (merged on save) instead of all weights."
+    ),
+    device: str = typer.Option("auto", "--device", help="--data: auto, cpu, cuda or cuda:N."),
+    threads: int | None = typer.Option(
+        None, "--threads", help="torch CPU threads (default: $TSPO_THREADS, else the free cores)."
+    ),
+    early_answer: float = typer.Option(
+        PolicyStage.early_answer,
+        "--early-answer",
+        help="How often the expert answers one hop too early.",
+    ),
+    wrong_query: float = typer.Option(
+        0.15, "--wrong-query", help="How often the expert searches a near-duplicate name."
+    ),
+    practice_worlds: int = typer.Option(
+        PolicyStage.practice_worlds,
+        "--practice-worlds",
+        help="Extra worlds whose questions add SFT episodes.",
+    ),
+    base: str | None = typer.Option(
+        None,
+        "--base",
+        "--model",
+        help=f"Base model: folder, offline hub id or alias (default {PolicyStage.base} with "
+        f"--world, {WIKI_SFT_BASE} with --data).",
+    ),
+    seed: int = typer.Option(0, "--seed", help="Seed for the expert and SFT."),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Replace OUT when it already holds files."
+    ),
+) -> None:
+    """Warm-start a search policy: SFT on scripted-expert episodes played through the real
+    retriever and protocol, loss on the model's own tokens only (prompt and <information> blocks
+    are masked). Saves model and tokenizer in Hugging Face format.
+
+    --world: the tiny policy on the synthetic world's noisy expert. --data: any HF causal LM
+    (SmolLM2 by default) on the Wikipedia questions (single-hop: search, read, think, answer;
+    bridge: two searches); the answer is the gold alias as written in the retrieved passage.
+    """
+    if (world_dir is None) == (data_dir is None):
+        raise TSPOError("give exactly one of --world DIR (synthetic world) or --data DIR (wiki)")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise TSPOError(f"{out} already exists and is not empty; pass --overwrite to replace it")
+    if data_dir is not None:
+        _wiki_sft(
+            data_dir, out, base=base or WIKI_SFT_BASE, lr=lr or WIKI_SFT_LR, epochs=epochs,
+            episodes=episodes, batch_size=batch_size, topk=topk, max_obs_tokens=max_obs_tokens,
+            chat_template=chat_template, bf16=bf16, lora=lora, device=device, threads=threads,
+            index=index, seed=seed,
+        )  # fmt: skip
+        return
+    assert world_dir is not None
+    base = base or PolicyStage.base
+    lr = lr or PolicyStage().sft.lr
+
+    from tspo.data.world import CORPUS_FILE, load_world
+    from tspo.quickstart.pipeline import train_policy
+    from tspo.retrieval.index import open_retriever
+
+    loaded = load_world(world_dir)
+    retriever = open_retriever(
+        index=str(index) if index else None,
+        corpus=None if index else str(world_dir / CORPUS_FILE),
+    )
+    defaults = PolicyStage()
+    settings = replace(
+        defaults,
+        base=base,
+        practice_worlds=practice_worlds,
+        early_answer=early_answer,
+        wrong_query=wrong_query,
+        sft=replace(defaults.sft, epochs=epochs, lr=lr, seed=seed),
+        seed=seed,
+    )
+    info = train_policy(loaded, retriever, settings, out)
+    retriever.close()
+    Console().print(
+        f"{info['parameters']:,} parameters, {info['episodes']} episodes (expert EM "
+        f"{info['expert_em']:.2f}), loss {info['sft_loss_first']:.2f} (first step) "
+        f"-> {info['sft_loss_last']:.2f} (mean of the last 10) -> {out}"
+    )
+
+
+def _wiki_sft(
+    data_dir: Path,
+    out: Path,
+    *,
+    base: str,
+    lr: float,
+    epochs: int,
+    episodes: int,
+    batch_size: int,
+    topk: int,
+    max_obs_tokens: int,
+    chat_template: bool | None,
+    bf16: str,
+    lora: bool,
+    device: str,
+    threads: int | None,
+    index: Path | None,
+    seed: int,
+) -> None:
+    """`tspo sft --data`: the Wikipedia expert's episodes, then SFT of any causal LM."""
+    import re
+
+    from tspo.models.loading import ALIASES, resolve_model_path
+    from tspo.train.sft import SFTConfig, wiki_sft
+    from tspo.utils import request_threads
+
+    if bf16.lower() not in BF16_CHOICES:
+        raise TSPOError(f"--bf16 {bf16!r}: expected auto, on or off")
+    for name, value in (("--epochs", epochs), ("--batch-size", batch_size), ("--topk", topk)):
+        if value < 1:
+            raise TSPOError(f"{name} must be at least 1")
+    if base not in ALIASES:
+        try:
+            resolve_model_path(base)
+        except TSPOError as err:
+            raise TSPOError(f"--base: {err}") from None
+    if not (device in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", device)):
+        raise TSPOError(f"--device {device!r}: expected auto, cpu, cuda or cuda:N")
+    request_threads(threads)
+    _quiet_transformers()
+    stderr = Console(stderr=True)
+    stderr.print(f"tspo sft: {base} on the questions of {data_dir}…", highlight=False)
+    config = SFTConfig(
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        max_obs_tokens=max_obs_tokens,
+        bf16=BF16_CHOICES[bf16.lower()],
+        seed=seed,
+    )
+    info = wiki_sft(
+        data_dir,
+        out,
+        base=base,
+        episodes=episodes,
+        config=config,
+        use_chat_template=chat_template,
+        topk=topk,
+        index=index,
+        device=device,
+        lora=lora,
+        log=lambda line: stderr.print(line, highlight=False),
+    )
+    Console().print(
+        f"{info['episodes']} episodes ({info['skipped']} questions skipped), {info['steps']} "
+        f"steps in {info['train_seconds']:.0f} s (bf16 {'on' if info['bf16'] else 'off'}), loss "
+        f"{info['loss_first']:.3f} -> {info['loss_last']:.3f} -> {out}",
+        highlight=False,
+    )
