@@ -1,5 +1,7 @@
 """The Typer apps every command module attaches to. Kept import-light: no torch here."""
 
+from typing import Annotated
+
 import typer
 
 app = typer.Typer(
@@ -25,8 +27,11 @@ def _print_version(value: bool) -> None:
 
 @app.callback()
 def _root(
-    version: bool = typer.Option(
-        False, "--version", callback=_print_version, is_eager=True, help="Print the version."
-    ),
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_print_version, is_eager=True, help="Print the version."
+        ),
+    ] = False,
 ) -> None:
     """Train LLM search agents with TSPO (turn-level stage-aware policy optimization)."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Annotated
 
 import typer
 
@@ -14,17 +15,23 @@ WORLD_SIZES = "tiny|small|medium|large"
 
 @data_app.command("wiki")
 def wiki(
-    out: Path = typer.Option(..., "--out", help="Folder to write the corpus and QA splits to."),
-    seed: int = typer.Option(0, "--seed", help="Seed for the bridge choices and the splits."),
-    dev_frac: float = typer.Option(
-        0.1, "--dev-frac", help="Share of answer articles whose questions go to dev."
-    ),
-    test_frac: float = typer.Option(
-        0.1, "--test-frac", help="Share of answer articles whose questions go to test."
-    ),
-    overwrite: bool = typer.Option(
-        False, "--overwrite", help="Replace OUT when it already holds files."
-    ),
+    out: Annotated[
+        Path, typer.Option("--out", help="Folder to write the corpus and QA splits to.")
+    ],
+    seed: Annotated[
+        int, typer.Option("--seed", help="Seed for the bridge choices and the splits.")
+    ] = 0,
+    dev_frac: Annotated[
+        float,
+        typer.Option("--dev-frac", help="Share of answer articles whose questions go to dev."),
+    ] = 0.1,
+    test_frac: Annotated[
+        float,
+        typer.Option("--test-frac", help="Share of answer articles whose questions go to test."),
+    ] = 0.1,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace OUT when it already holds files.")
+    ] = False,
 ) -> None:
     """Build the bundled Wikipedia dataset: corpus.jsonl plus single-hop and bridge QA.
 
@@ -65,9 +72,13 @@ def wiki(
 
 @data_app.command("world")
 def world(
-    out: Path = typer.Option(..., "--out", help="Folder for corpus.jsonl, the splits, world.json."),
-    seed: int = typer.Option(0, "--seed", help="Seed: the same seed always gives the same world."),
-    size: str = typer.Option("small", "--size", help=f"World size: {WORLD_SIZES}."),
+    out: Annotated[
+        Path, typer.Option("--out", help="Folder for corpus.jsonl, the splits, world.json.")
+    ],
+    seed: Annotated[
+        int, typer.Option("--seed", help="Seed: the same seed always gives the same world.")
+    ] = 0,
+    size: Annotated[str, typer.Option("--size", help=f"World size: {WORLD_SIZES}.")] = "small",
 ) -> None:
     """Generate the synthetic search world: made-up entities, a corpus, 1-3 hop questions.
 

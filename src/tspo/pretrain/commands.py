@@ -6,6 +6,7 @@ import shlex
 import shutil
 import sys
 from pathlib import Path
+from typing import Annotated
 
 import typer
 
@@ -14,38 +15,62 @@ from tspo.cli_apps import app
 
 @app.command("pretrain")
 def pretrain(
-    out: Path = typer.Option(
-        ..., "--out", help="Run folder: tokenizer/, state/, log.jsonl, model/."
-    ),
-    steps: int = typer.Option(4400, "--steps", min=1, help="Optimizer steps."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the initial weights."),
-    shape: str = typer.Option("128x4", "--shape", help="HIDDENxLAYERS of the Llama-shaped model."),
-    threads: int = typer.Option(1, "--threads", min=1, help="torch CPU threads."),
-    bf16: bool = typer.Option(True, "--bf16/--no-bf16", help="bf16 autocast (fp32 weights)."),
-    eval_every: int = typer.Option(400, "--eval-every", min=1, help="Measure the gates every N."),
-    eval_items: int = typer.Option(100, "--eval-items", min=1, help="Items per gate in training."),
-    final_items: int = typer.Option(300, "--final-items", min=1, help="Items per gate at the end."),
-    checkpoint_every: int = typer.Option(
-        200, "--checkpoint-every", min=1, help="Save state every N."
-    ),
-    init: str | None = typer.Option(
-        None, "--init", help="Continue from this base (folder or alias) instead of random weights."
-    ),
-    question_first: float = typer.Option(
-        0.0,
-        "--question-first",
-        min=0.0,
-        max=1.0,
-        help="Share of reading items with the question before the documents (the agent's layout).",
-    ),
-    first_world: int = typer.Option(
-        0, "--first-world", min=0, help="Index of the first practice world to read."
-    ),
-    lr: float = typer.Option(1e-3, "--lr", min=0.0, help="Peak learning rate."),
-    warmup_steps: int = typer.Option(100, "--warmup-steps", min=0, help="Linear warm-up steps."),
-    seq_len: int = typer.Option(256, "--seq-len", min=32, help="Packed row length in tokens."),
-    batch_size: int = typer.Option(32, "--batch-size", min=1, help="Packed rows per step."),
-    fresh: bool = typer.Option(False, "--fresh", help="Delete the run folder and start over."),
+    out: Annotated[
+        Path, typer.Option("--out", help="Run folder: tokenizer/, state/, log.jsonl, model/.")
+    ],
+    steps: Annotated[int, typer.Option("--steps", min=1, help="Optimizer steps.")] = 4400,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the initial weights.")] = 0,
+    shape: Annotated[
+        str, typer.Option("--shape", help="HIDDENxLAYERS of the Llama-shaped model.")
+    ] = "128x4",
+    threads: Annotated[int, typer.Option("--threads", min=1, help="torch CPU threads.")] = 1,
+    bf16: Annotated[
+        bool, typer.Option("--bf16/--no-bf16", help="bf16 autocast (fp32 weights).")
+    ] = True,
+    eval_every: Annotated[
+        int, typer.Option("--eval-every", min=1, help="Measure the gates every N.")
+    ] = 400,
+    eval_items: Annotated[
+        int, typer.Option("--eval-items", min=1, help="Items per gate in training.")
+    ] = 100,
+    final_items: Annotated[
+        int, typer.Option("--final-items", min=1, help="Items per gate at the end.")
+    ] = 300,
+    checkpoint_every: Annotated[
+        int, typer.Option("--checkpoint-every", min=1, help="Save state every N.")
+    ] = 200,
+    init: Annotated[
+        str | None,
+        typer.Option(
+            "--init", help="Continue from this base (folder or alias) instead of random weights."
+        ),
+    ] = None,
+    question_first: Annotated[
+        float,
+        typer.Option(
+            "--question-first",
+            min=0.0,
+            max=1.0,
+            help="Share of reading items with the question before the documents "
+            "(the agent's layout).",
+        ),
+    ] = 0.0,
+    first_world: Annotated[
+        int, typer.Option("--first-world", min=0, help="Index of the first practice world to read.")
+    ] = 0,
+    lr: Annotated[float, typer.Option("--lr", min=0.0, help="Peak learning rate.")] = 1e-3,
+    warmup_steps: Annotated[
+        int, typer.Option("--warmup-steps", min=0, help="Linear warm-up steps.")
+    ] = 100,
+    seq_len: Annotated[
+        int, typer.Option("--seq-len", min=32, help="Packed row length in tokens.")
+    ] = 256,
+    batch_size: Annotated[
+        int, typer.Option("--batch-size", min=1, help="Packed rows per step.")
+    ] = 32,
+    fresh: Annotated[
+        bool, typer.Option("--fresh", help="Delete the run folder and start over.")
+    ] = False,
 ) -> None:
     """Pre-train a tiny base LM from random weights (or --init) on generated practice worlds.
 

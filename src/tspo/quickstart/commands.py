@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
+from typing import Annotated
 
 import typer
 
@@ -46,18 +47,25 @@ def check_run_inputs(
 
 @app.command("quickstart")
 def quickstart(
-    out: Path = typer.Option(Path("runs/quickstart"), "--out", help="Run folder."),
-    fresh: bool = typer.Option(False, "--fresh", help="Start over instead of reusing stages."),
-    steps: int | None = typer.Option(None, "--steps", help=RL_STEPS_HELP),
-    size: str = typer.Option("small", "--size", help=f"World size: {WORLD_SIZES}."),
-    estimator: str = typer.Option("tspo", "--estimator", help="Advantage estimator for RL."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the world, the policy and RL."),
-    base: str = typer.Option(
-        PolicyStage.base, "--base", help="Base model folder or alias that SFT starts from."
-    ),
-    threads: int | None = typer.Option(
-        None, "--threads", help="torch CPU threads (default: $TSPO_THREADS, else the free cores)."
-    ),
+    out: Annotated[Path, typer.Option("--out", help="Run folder.")] = Path("runs/quickstart"),
+    fresh: Annotated[
+        bool, typer.Option("--fresh", help="Start over instead of reusing stages.")
+    ] = False,
+    steps: Annotated[int | None, typer.Option("--steps", help=RL_STEPS_HELP)] = None,
+    size: Annotated[str, typer.Option("--size", help=f"World size: {WORLD_SIZES}.")] = "small",
+    estimator: Annotated[
+        str, typer.Option("--estimator", help="Advantage estimator for RL.")
+    ] = "tspo",
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the world, the policy and RL.")] = 0,
+    base: Annotated[
+        str, typer.Option("--base", help="Base model folder or alias that SFT starts from.")
+    ] = PolicyStage.base,
+    threads: Annotated[
+        int | None,
+        typer.Option(
+            "--threads", help="torch CPU threads (default: $TSPO_THREADS, else the free cores)."
+        ),
+    ] = None,
 ) -> None:
     """Train a small search agent end to end on CPU and write a report.
 
@@ -85,23 +93,35 @@ def quickstart(
 
 @app.command("compare")
 def compare(
-    estimators: str = typer.Option(
-        "grpo,folr_scalar,tspo,tspo_switch", "--estimators", help="Comma-separated estimators."
-    ),
-    seeds: int = typer.Option(3, "--seeds", help="RL seeds per estimator (same SFT start)."),
-    steps: int | None = typer.Option(
-        None, "--steps", help=f"RL steps per run (default {RLStage.steps})."
-    ),
-    eval_every: int = typer.Option(10, "--eval-every", help="Evaluate test EM every N steps."),
-    eval_examples: int = typer.Option(
-        90, "--eval-examples", help="Size of the fixed test subset evaluated along the way."
-    ),
-    size: str = typer.Option("small", "--size", help=f"World size: {WORLD_SIZES}."),
-    out: Path = typer.Option(Path("runs/compare"), "--out", help="Run folder."),
-    fresh: bool = typer.Option(False, "--fresh", help="Start over instead of reusing stages."),
-    threads: int | None = typer.Option(
-        None, "--threads", help="torch CPU threads (default: $TSPO_THREADS, else the free cores)."
-    ),
+    estimators: Annotated[
+        str, typer.Option("--estimators", help="Comma-separated estimators.")
+    ] = "grpo,folr_scalar,tspo,tspo_switch",
+    seeds: Annotated[
+        int, typer.Option("--seeds", help="RL seeds per estimator (same SFT start).")
+    ] = 3,
+    steps: Annotated[
+        int | None, typer.Option("--steps", help=f"RL steps per run (default {RLStage.steps}).")
+    ] = None,
+    eval_every: Annotated[
+        int, typer.Option("--eval-every", help="Evaluate test EM every N steps.")
+    ] = 10,
+    eval_examples: Annotated[
+        int,
+        typer.Option(
+            "--eval-examples", help="Size of the fixed test subset evaluated along the way."
+        ),
+    ] = 90,
+    size: Annotated[str, typer.Option("--size", help=f"World size: {WORLD_SIZES}.")] = "small",
+    out: Annotated[Path, typer.Option("--out", help="Run folder.")] = Path("runs/compare"),
+    fresh: Annotated[
+        bool, typer.Option("--fresh", help="Start over instead of reusing stages.")
+    ] = False,
+    threads: Annotated[
+        int | None,
+        typer.Option(
+            "--threads", help="torch CPU threads (default: $TSPO_THREADS, else the free cores)."
+        ),
+    ] = None,
 ) -> None:
     """Compare advantage estimators from one SFT start over several seeds.
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 from enum import StrEnum
 from pathlib import Path
+from typing import Annotated
 
 import typer
 
@@ -25,28 +26,48 @@ class HttpParser(StrEnum):
 
 @index_app.command("build")
 def build_command(
-    corpus: Path = typer.Option(..., "--corpus", help="Corpus jsonl file (id, contents)."),
-    kind: IndexKind = typer.Option(IndexKind.bm25, "--kind", help="Index type."),
-    out: Path = typer.Option(..., "--out", help="Folder to write the index into."),
-    encoder: str | None = typer.Option(
-        None,
-        "--encoder",
-        help="Dense only: a local Hugging Face encoder folder (default: bundled all-MiniLM-L6-v2).",
-    ),
-    batch_size: int = typer.Option(64, "--batch-size", min=1, help="Dense only: encoder batch."),
-    chunk_size: int = typer.Option(
-        1024, "--chunk-size", min=1, help="Dense only: passages per saved (resumable) chunk."
-    ),
-    query_prefix: str = typer.Option(
-        "", "--query-prefix", help="Dense only: text put before each query (e5: 'query: ')."
-    ),
-    passage_prefix: str = typer.Option(
-        "", "--passage-prefix", help="Dense only: text put before each passage (e5: 'passage: ')."
-    ),
-    stemmer: str | None = typer.Option(
-        None, "--stemmer", help="BM25 only: PyStemmer language, e.g. english (needs PyStemmer)."
-    ),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing index."),
+    *,  # keyword-only: a required option (--out) follows one with a default
+    corpus: Annotated[Path, typer.Option("--corpus", help="Corpus jsonl file (id, contents).")],
+    kind: Annotated[IndexKind, typer.Option("--kind", help="Index type.")] = IndexKind.bm25,
+    out: Annotated[Path, typer.Option("--out", help="Folder to write the index into.")],
+    encoder: Annotated[
+        str | None,
+        typer.Option(
+            "--encoder",
+            help="Dense only: a local Hugging Face encoder folder "
+            "(default: bundled all-MiniLM-L6-v2).",
+        ),
+    ] = None,
+    batch_size: Annotated[
+        int, typer.Option("--batch-size", min=1, help="Dense only: encoder batch.")
+    ] = 64,
+    chunk_size: Annotated[
+        int,
+        typer.Option(
+            "--chunk-size", min=1, help="Dense only: passages per saved (resumable) chunk."
+        ),
+    ] = 1024,
+    query_prefix: Annotated[
+        str,
+        typer.Option(
+            "--query-prefix", help="Dense only: text put before each query (e5: 'query: ')."
+        ),
+    ] = "",
+    passage_prefix: Annotated[
+        str,
+        typer.Option(
+            "--passage-prefix", help="Dense only: text put before each passage (e5: 'passage: ')."
+        ),
+    ] = "",
+    stemmer: Annotated[
+        str | None,
+        typer.Option(
+            "--stemmer", help="BM25 only: PyStemmer language, e.g. english (needs PyStemmer)."
+        ),
+    ] = None,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace an existing index.")
+    ] = False,
 ) -> None:
     """Build a BM25 or dense index from a corpus jsonl file."""
     from tspo.retrieval.index import build_index, read_manifest
@@ -83,34 +104,48 @@ def _is_loopback(host: str) -> bool:
 
 @app.command("serve")
 def serve_command(
-    index: Path = typer.Option(..., "--index", help="Index folder built by `tspo index build`."),
-    host: str = typer.Option("127.0.0.1", "--host", help="Address to bind (loopback by default)."),
-    port: int = typer.Option(8000, "--port", min=1, max=65535, help="TCP port."),
-    topk: int = typer.Option(3, "--topk", min=1, max=100, help="Default results per query."),
-    token: str | None = typer.Option(
-        None,
-        "--token",
-        envvar="TSPO_RETRIEVER_TOKEN",
-        help="Require 'Authorization: Bearer <token>' (or set TSPO_RETRIEVER_TOKEN).",
-        show_envvar=True,
-    ),
-    max_queries: int = typer.Option(256, "--max-queries", min=1, help="Queries per request."),
-    max_query_chars: int = typer.Option(
-        4096, "--max-query-chars", min=1, help="Characters per query."
-    ),
-    max_body_bytes: int = typer.Option(
-        1 << 20, "--max-body-bytes", min=64, help="Request body size limit."
-    ),
-    max_pending: int = typer.Option(
-        256,
-        "--max-pending",
-        min=0,
-        help="Requests that may wait for the retriever; more get 503 + Retry-After (0: no bound).",
-    ),
-    access_log: bool = typer.Option(False, "--access-log", help="Log every request."),
-    http: HttpParser = typer.Option(
-        HttpParser.auto, "--http", help="HTTP parser: auto uses httptools when installed, else h11."
-    ),
+    index: Annotated[
+        Path, typer.Option("--index", help="Index folder built by `tspo index build`.")
+    ],
+    host: Annotated[
+        str, typer.Option("--host", help="Address to bind (loopback by default).")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", min=1, max=65535, help="TCP port.")] = 8000,
+    topk: Annotated[
+        int, typer.Option("--topk", min=1, max=100, help="Default results per query.")
+    ] = 3,
+    token: Annotated[
+        str | None,
+        typer.Option(
+            "--token",
+            envvar="TSPO_RETRIEVER_TOKEN",
+            help="Require 'Authorization: Bearer <token>' (or set TSPO_RETRIEVER_TOKEN).",
+            show_envvar=True,
+        ),
+    ] = None,
+    max_queries: Annotated[
+        int, typer.Option("--max-queries", min=1, help="Queries per request.")
+    ] = 256,
+    max_query_chars: Annotated[
+        int, typer.Option("--max-query-chars", min=1, help="Characters per query.")
+    ] = 4096,
+    max_body_bytes: Annotated[
+        int, typer.Option("--max-body-bytes", min=64, help="Request body size limit.")
+    ] = 1 << 20,
+    max_pending: Annotated[
+        int,
+        typer.Option(
+            "--max-pending",
+            min=0,
+            help="Requests that may wait for the retriever; more get 503 + Retry-After "
+            "(0: no bound).",
+        ),
+    ] = 256,
+    access_log: Annotated[bool, typer.Option("--access-log", help="Log every request.")] = False,
+    http: Annotated[
+        HttpParser,
+        typer.Option("--http", help="HTTP parser: auto uses httptools when installed, else h11."),
+    ] = HttpParser.auto,
 ) -> None:
     """Serve an index over HTTP: Search-R1's POST /retrieve, plus GET /health."""
     from tspo import preflight

@@ -272,76 +272,107 @@ BF16_CHOICES: dict[str, bool | str] = {
 
 @app.command("sft")
 def sft(
-    out: Path = typer.Option(..., "--out", help="Folder for the HF checkpoint (model+tokenizer)."),
-    world_dir: Path | None = typer.Option(
-        None, "--world", help="Folder written by `tspo data world` (the tiny-policy warm start)."
-    ),
-    data_dir: Path | None = typer.Option(
-        None,
-        "--data",
-        help="Folder written by `tspo data wiki`: SFT any HF causal LM on its train questions.",
-    ),
-    index: Path | None = typer.Option(
-        None, "--index", help="BM25 index of the corpus; built in memory when omitted."
-    ),
-    epochs: int = typer.Option(1, "--epochs", help="Passes over the expert episodes."),
-    lr: float | None = typer.Option(
-        None,
-        "--lr",
-        help=f"Peak learning rate (AdamW, cosine decay); default {PolicyStage().sft.lr:g} with "
-        f"--world, {WIKI_SFT_LR:g} with --data.",
-    ),
-    episodes: int = typer.Option(
-        WIKI_SFT_EPISODES, "--episodes", help="--data: expert episodes to train on."
-    ),
-    batch_size: int = typer.Option(16, "--batch-size", help="--data: episodes per step."),
-    topk: int = typer.Option(
-        3, "--topk", help="--data: documents per search (match the RL config's rollout.topk)."
-    ),
-    max_obs_tokens: int = typer.Option(
-        500,
-        "--max-obs-tokens",
-        help="--data: tokens per <information> block (match rollout.max_obs_tokens).",
-    ),
-    chat_template: bool | None = typer.Option(
-        None,
-        "--chat-template/--no-chat-template",
-        help="--data: wrap prompts in the chat template (default: when the tokenizer has one).",
-    ),
-    bf16: str = typer.Option(
-        "auto", "--bf16", help="bf16 autocast, fp32 weights: auto (where supported), on or off."
-    ),
-    lora: bool = typer.Option(
-        False, "--lora", help="--data: train LoRA adapters (merged on save) instead of all weights."
-    ),
-    device: str = typer.Option("auto", "--device", help="--data: auto, cpu, cuda or cuda:N."),
-    threads: int | None = typer.Option(
-        None, "--threads", help="torch CPU threads (default: $TSPO_THREADS, else the free cores)."
-    ),
-    early_answer: float = typer.Option(
-        PolicyStage.early_answer,
-        "--early-answer",
-        help="How often the expert answers one hop too early.",
-    ),
-    wrong_query: float = typer.Option(
-        0.15, "--wrong-query", help="How often the expert searches a near-duplicate name."
-    ),
-    practice_worlds: int = typer.Option(
-        PolicyStage.practice_worlds,
-        "--practice-worlds",
-        help="Extra worlds whose questions add SFT episodes.",
-    ),
-    base: str | None = typer.Option(
-        None,
-        "--base",
-        "--model",
-        help=f"Base model: folder, offline hub id or alias (default {PolicyStage.base} with "
-        f"--world, {WIKI_SFT_BASE} with --data).",
-    ),
-    seed: int = typer.Option(0, "--seed", help="Seed for the expert and SFT."),
-    overwrite: bool = typer.Option(
-        False, "--overwrite", help="Replace OUT when it already holds files."
-    ),
+    out: Annotated[
+        Path, typer.Option("--out", help="Folder for the HF checkpoint (model+tokenizer).")
+    ],
+    world_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--world", help="Folder written by `tspo data world` (the tiny-policy warm start)."
+        ),
+    ] = None,
+    data_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--data",
+            help="Folder written by `tspo data wiki`: SFT any HF causal LM on its train questions.",
+        ),
+    ] = None,
+    index: Annotated[
+        Path | None,
+        typer.Option("--index", help="BM25 index of the corpus; built in memory when omitted."),
+    ] = None,
+    epochs: Annotated[int, typer.Option("--epochs", help="Passes over the expert episodes.")] = 1,
+    lr: Annotated[
+        float | None,
+        typer.Option(
+            "--lr",
+            help=f"Peak learning rate (AdamW, cosine decay); default {PolicyStage().sft.lr:g} with "
+            f"--world, {WIKI_SFT_LR:g} with --data.",
+        ),
+    ] = None,
+    episodes: Annotated[
+        int, typer.Option("--episodes", help="--data: expert episodes to train on.")
+    ] = WIKI_SFT_EPISODES,
+    batch_size: Annotated[
+        int, typer.Option("--batch-size", help="--data: episodes per step.")
+    ] = 16,
+    topk: Annotated[
+        int,
+        typer.Option(
+            "--topk", help="--data: documents per search (match the RL config's rollout.topk)."
+        ),
+    ] = 3,
+    max_obs_tokens: Annotated[
+        int,
+        typer.Option(
+            "--max-obs-tokens",
+            help="--data: tokens per <information> block (match rollout.max_obs_tokens).",
+        ),
+    ] = 500,
+    chat_template: Annotated[
+        bool | None,
+        typer.Option(
+            "--chat-template/--no-chat-template",
+            help="--data: wrap prompts in the chat template (default: when the tokenizer has one).",
+        ),
+    ] = None,
+    bf16: Annotated[
+        str,
+        typer.Option(
+            "--bf16", help="bf16 autocast, fp32 weights: auto (where supported), on or off."
+        ),
+    ] = "auto",
+    lora: Annotated[
+        bool,
+        typer.Option(
+            "--lora", help="--data: train LoRA adapters (merged on save) instead of all weights."
+        ),
+    ] = False,
+    device: Annotated[
+        str, typer.Option("--device", help="--data: auto, cpu, cuda or cuda:N.")
+    ] = "auto",
+    threads: Annotated[
+        int | None,
+        typer.Option(
+            "--threads", help="torch CPU threads (default: $TSPO_THREADS, else the free cores)."
+        ),
+    ] = None,
+    early_answer: Annotated[
+        float,
+        typer.Option("--early-answer", help="How often the expert answers one hop too early."),
+    ] = PolicyStage.early_answer,
+    wrong_query: Annotated[
+        float,
+        typer.Option("--wrong-query", help="How often the expert searches a near-duplicate name."),
+    ] = 0.15,
+    practice_worlds: Annotated[
+        int,
+        typer.Option("--practice-worlds", help="Extra worlds whose questions add SFT episodes."),
+    ] = PolicyStage.practice_worlds,
+    base: Annotated[
+        str | None,
+        typer.Option(
+            "--base",
+            "--model",
+            help=f"Base model: folder, offline hub id or alias (default {PolicyStage.base} with "
+            f"--world, {WIKI_SFT_BASE} with --data).",
+        ),
+    ] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Seed for the expert and SFT.")] = 0,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace OUT when it already holds files.")
+    ] = False,
 ) -> None:
     """Warm-start a search policy: SFT on scripted-expert episodes played through the real
     retriever and protocol, loss on the model's own tokens only (prompt and <information> blocks
