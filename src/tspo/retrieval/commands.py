@@ -68,12 +68,42 @@ def build_command(
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Replace an existing index.")
     ] = False,
+    faiss_index: Annotated[
+        str | None,
+        typer.Option("--faiss-index", help="Dense only: flat (exact, default), ivfpq or hnsw."),
+    ] = None,
+    nlist: Annotated[
+        int | None, typer.Option("--nlist", min=1, help="ivfpq: lists (default 4 sqrt(n)).")
+    ] = None,
+    pq_m: Annotated[
+        int | None, typer.Option("--pq-m", min=1, help="ivfpq: codes per vector (dim/8).")
+    ] = None,
+    nprobe: Annotated[int, typer.Option("--nprobe", min=1, help="ivfpq: lists searched.")] = 16,
+    train_sample: Annotated[
+        int, typer.Option("--train-sample", min=1, help="ivfpq: training vectors at most.")
+    ] = 100_000,
+    hnsw_m: Annotated[int, typer.Option("--hnsw-m", min=1, help="hnsw: links per vector.")] = 32,
+    ef_search: Annotated[
+        int, typer.Option("--ef-search", min=1, help="hnsw: candidates per query.")
+    ] = 64,
 ) -> None:
     """Build a BM25 or dense index from a corpus jsonl file."""
+    from tspo.retrieval.dense import FaissSettings
     from tspo.retrieval.index import build_index, read_manifest
 
     if kind is IndexKind.bm25 and encoder is not None:
         raise TSPOError("--encoder applies to --kind dense only")
+    if kind is IndexKind.bm25 and faiss_index is not None:
+        raise TSPOError("--faiss-index applies to --kind dense only")
+    faiss = FaissSettings(
+        index_type=faiss_index or "flat",
+        nlist=nlist,
+        pq_m=pq_m,
+        nprobe=nprobe,
+        train_sample=train_sample,
+        hnsw_m=hnsw_m,
+        ef_search=ef_search,
+    )
     build_index(
         corpus,
         kind.value,
@@ -85,6 +115,7 @@ def build_command(
         query_prefix=query_prefix,
         passage_prefix=passage_prefix,
         stemmer=stemmer,
+        faiss=faiss,
     )
     manifest = read_manifest(out)
     typer.echo(
@@ -146,12 +177,24 @@ def serve_command(
         HttpParser,
         typer.Option("--http", help="HTTP parser: auto uses httptools when installed, else h11."),
     ] = HttpParser.auto,
+    mmap: Annotated[
+        bool,
+        typer.Option(
+            "--mmap",
+            help="Memory-map the index instead of reading it (sets TSPO_INDEX_MMAP=1): loads "
+            "in about a second, pages come in as queries touch them.",
+        ),
+    ] = False,
 ) -> None:
     """Serve an index over HTTP: Search-R1's POST /retrieve, plus GET /health."""
+    import os
+
     from tspo import preflight
     from tspo.retrieval.server import serve
 
     preflight.index_dir(index, "--index")
+    if mmap:
+        os.environ["TSPO_INDEX_MMAP"] = "1"
     if not _is_loopback(host) and not token:
         typer.echo(
             f"warning: serving on {host} without a token; anyone who can reach it can query it",

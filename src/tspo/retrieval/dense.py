@@ -1,7 +1,10 @@
-"""Dense retrieval: a sentence encoder (mean pooling, L2-normalised) and an exact faiss index.
+"""Dense retrieval: a sentence encoder (mean pooling, L2-normalised) and a faiss index.
 
 Inner product on unit vectors is cosine similarity. Passage embeddings are computed in chunks and
 each chunk is saved as soon as it is done, so a build that is interrupted resumes where it stopped.
+The faiss index is exact (``flat``, the default) or approximate for large corpora: ``ivfpq``
+(inverted lists of product-quantised codes, ~32x smaller) or ``hnsw`` (a graph over the full
+vectors, fast and close to exact, a little larger than flat); see :class:`FaissSettings`.
 """
 
 from __future__ import annotations
@@ -9,10 +12,11 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import math
 import os
 import tempfile
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -191,24 +195,143 @@ def encode_in_chunks(
     return np.concatenate(parts, axis=0)
 
 
+FAISS_INDEX_TYPES = ("flat", "ivfpq", "hnsw")
+
+
+@dataclass(frozen=True)
+class FaissSettings:
+    """Which faiss index to build, and how; saved in ``dense.json`` and restored on load.
+
+    ``flat``: exact inner product. ``ivfpq``: ``nlist`` k-means lists (default ``4 sqrt(n)``,
+    at most ``n / 39``), each vector stored as ``pq_m`` codes of ``pq_bits`` bits (default
+    ``dim / 8`` codes of 8 bits: 48 bytes for a 384-dim vector instead of 1,536), trained on at
+    most ``train_sample`` vectors drawn with a fixed seed; ``nprobe`` lists are searched per
+    query. ``hnsw``: a graph of ``hnsw_m`` links per vector, built with ``ef_construction`` and
+    searched with ``ef_search`` candidates. None means "chosen from the corpus size" at build.
+    """
+
+    index_type: str = "flat"
+    nlist: int | None = None
+    pq_m: int | None = None
+    pq_bits: int | None = None
+    nprobe: int = 16
+    train_sample: int = 100_000
+    hnsw_m: int = 32
+    ef_construction: int = 80
+    ef_search: int = 64
+
+    def __post_init__(self) -> None:
+        if self.index_type not in FAISS_INDEX_TYPES:
+            raise TSPOError(
+                f"unknown faiss index {self.index_type!r}; choose one of "
+                f"{', '.join(FAISS_INDEX_TYPES)}"
+            )
+        for name in ("nlist", "pq_m", "pq_bits", "nprobe", "train_sample", "hnsw_m",
+                     "ef_construction", "ef_search"):  # fmt: skip
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise TSPOError(f"faiss setting {name} must be >= 1, got {value}")
+
+    def to_json(self) -> dict[str, Any]:
+        """The settings that matter for this index type."""
+        keys = {
+            "flat": (),
+            "ivfpq": ("nlist", "pq_m", "pq_bits", "nprobe", "train_sample"),
+            "hnsw": ("hnsw_m", "ef_construction", "ef_search"),
+        }[self.index_type]
+        return {"index_type": self.index_type} | {k: asdict(self)[k] for k in keys}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any] | None) -> FaissSettings:
+        """Settings saved by :meth:`to_json`; an index saved before they existed is flat."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in (data or {}).items() if k in known})
+
+    def resolved(self, n: int, dim: int) -> FaissSettings:
+        """These settings with every None filled in for ``n`` vectors of ``dim`` dimensions."""
+        if self.index_type != "ivfpq":
+            return self
+        nlist = self.nlist or max(1, min(round(4 * math.sqrt(n)), n // 39))
+        pq_m = self.pq_m or next(m for m in range(max(1, dim // 8), 0, -1) if dim % m == 0)
+        if dim % pq_m:
+            raise TSPOError(f"faiss pq_m={pq_m} must divide the embedding dimension {dim}")
+        # k-means needs at least as many training vectors as centroids (2^bits per code)
+        pq_bits = self.pq_bits or max(1, min(8, int(math.log2(max(2, min(n, self.train_sample))))))
+        return replace(self, nlist=min(nlist, n), pq_m=pq_m, pq_bits=pq_bits)
+
+
+def build_faiss_index(vectors: np.ndarray, settings: FaissSettings) -> tuple[Any, FaissSettings]:
+    """A faiss index of type ``settings.index_type`` holding ``vectors`` (unit rows, float32).
+
+    Returns the index and the settings with every automatic value filled in.
+    """
+    import faiss
+
+    n, dim = vectors.shape
+    settings = settings.resolved(n, dim)
+    index: Any
+    if settings.index_type == "flat":
+        index = faiss.IndexFlatIP(dim)
+    elif settings.index_type == "hnsw":
+        index = faiss.IndexHNSWFlat(dim, settings.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = settings.ef_construction
+    else:
+        assert settings.nlist and settings.pq_m and settings.pq_bits
+        quantizer = faiss.IndexFlatIP(dim)
+        index = faiss.IndexIVFPQ(
+            quantizer,
+            dim,
+            settings.nlist,
+            settings.pq_m,
+            settings.pq_bits,
+            faiss.METRIC_INNER_PRODUCT,
+        )  # fmt: skip  (faiss's Python wrapper keeps the quantizer alive with the index)
+        sample = vectors
+        if n > settings.train_sample:
+            rows = np.random.default_rng(0).choice(n, settings.train_sample, replace=False)
+            sample = vectors[np.sort(rows)]
+        index.train(np.ascontiguousarray(sample))
+    index.add(vectors)
+    apply_search_settings(index, settings)
+    return index, settings
+
+
+def apply_search_settings(index: Any, settings: FaissSettings) -> None:
+    """Set the query-time knobs (``nprobe``, ``efSearch``) that faiss does not always save."""
+    import faiss
+
+    if settings.index_type == "ivfpq":
+        faiss.extract_index_ivf(index).nprobe = settings.nprobe
+    elif settings.index_type == "hnsw":
+        index.hnsw.efSearch = settings.ef_search
+
+
 @dataclass
 class DenseBuildOptions:
-    """How to embed a corpus."""
+    """How to embed a corpus, and which faiss index to put the vectors in."""
 
     encoder: str | None = None
     query_prefix: str = ""
     passage_prefix: str = ""
     batch_size: int = 64
     chunk_size: int = 1024
+    faiss: FaissSettings = FaissSettings()
 
 
 class DenseRetriever(Retriever):
-    """Exact inner-product search (faiss ``IndexFlatIP``) over unit-length passage embeddings."""
+    """Inner-product search (a faiss index, see :class:`FaissSettings`) over unit embeddings."""
 
-    def __init__(self, encoder: Encoder, index: Any, table: DocumentTable):
+    def __init__(
+        self,
+        encoder: Encoder,
+        index: Any,
+        table: DocumentTable,
+        settings: FaissSettings | None = None,
+    ):
         self.encoder = encoder
         self.index = index
         self.table = table
+        self.settings = settings or FaissSettings()
 
     @classmethod
     def from_docs(
@@ -220,8 +343,6 @@ class DenseRetriever(Retriever):
         on_chunk: ChunkCallback | None = None,
     ) -> DenseRetriever:
         """Embed ``docs``; chunks go to ``work_dir`` (resumable) or a temporary folder."""
-        import faiss
-
         options = options or DenseBuildOptions()
         table = DocumentTable.from_docs(docs)
         if len(table) == 0:
@@ -246,9 +367,8 @@ class DenseRetriever(Retriever):
                 chunk_size=options.chunk_size,
                 on_chunk=on_chunk,
             )
-        index = faiss.IndexFlatIP(encoder.dim)
-        index.add(vectors)
-        return cls(encoder, index, table)
+        index, settings = build_faiss_index(vectors, options.faiss)
+        return cls(encoder, index, table, settings)
 
     def __len__(self) -> int:
         return len(self.table)
@@ -271,12 +391,20 @@ class DenseRetriever(Retriever):
         folder.mkdir(parents=True, exist_ok=True)
         faiss.write_index(self.index, str(folder / INDEX_FILE))
         self.table.save(folder)
-        params = self.encoder.params() | {"batch_size": self.encoder.batch_size}
+        params = self.encoder.params() | {
+            "batch_size": self.encoder.batch_size,
+            "faiss": self.settings.to_json(),
+        }
         (folder / PARAMS_FILE).write_text(json.dumps(params) + "\n", encoding="utf-8")
 
     @classmethod
     def load(cls, folder: str | Path, *, mmap: bool | None = None) -> DenseRetriever:
-        """Load what :meth:`save` wrote; any damage is a one-line TSPOError."""
+        """Load what :meth:`save` wrote; any damage is a one-line TSPOError.
+
+        The saved faiss settings (``nprobe``, ``efSearch``) are restored. ``mmap=True`` reads the
+        index with ``faiss.IO_FLAG_MMAP``: its arrays stay on disk and are paged in by queries
+        (``None``: ``$TSPO_INDEX_MMAP``).
+        """
         import faiss
 
         from tspo.retrieval.bm25 import mmap_default
@@ -285,8 +413,10 @@ class DenseRetriever(Retriever):
         flags = faiss.IO_FLAG_MMAP if mmap_default(mmap) else 0
         try:
             params = json.loads((folder / PARAMS_FILE).read_text(encoding="utf-8"))
+            settings = FaissSettings.from_json(params.get("faiss"))
             index = faiss.read_index(str(folder / INDEX_FILE), flags)
-        except (OSError, ValueError, RuntimeError) as err:
+            apply_search_settings(index, settings)
+        except (OSError, ValueError, RuntimeError, TSPOError) as err:
             first_line = str(err).strip().splitlines()[0] if str(err).strip() else repr(err)
             raise TSPOError(f"dense index in {folder} is unreadable: {first_line}") from err
         table = DocumentTable.load(folder)
@@ -306,4 +436,4 @@ class DenseRetriever(Retriever):
                 f"dense index in {folder} has dimension {index.d} but encoder "
                 f"{encoder.name!r} produces {encoder.dim}"
             )
-        return cls(encoder, index, table)
+        return cls(encoder, index, table, settings)

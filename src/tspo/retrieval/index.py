@@ -16,7 +16,7 @@ from typing import Any
 
 from tspo.errors import TSPOError
 from tspo.retrieval.base import Retriever
-from tspo.retrieval.dense import ChunkCallback, DenseBuildOptions
+from tspo.retrieval.dense import ChunkCallback, DenseBuildOptions, FaissSettings
 from tspo.utils import file_sha256, fsync_tree, progress_bar, write_json
 
 FORMAT_VERSION = 1
@@ -84,11 +84,13 @@ def build_index(
     k1: float = 1.5,
     b: float = 0.75,
     on_chunk: ChunkCallback | None = None,
+    faiss: FaissSettings | None = None,
 ) -> Path:
     """Index ``corpus_path`` (corpus jsonl) with ``kind`` (bm25|dense) into ``out_dir``.
 
-    Dense options: ``encoder`` (default all-MiniLM-L6-v2), prefixes, ``batch_size`` and
-    ``chunk_size`` (passages per saved embedding chunk). BM25 options: ``stemmer`` (a PyStemmer
+    Dense options: ``encoder`` (default all-MiniLM-L6-v2), prefixes, ``batch_size``,
+    ``chunk_size`` (passages per saved embedding chunk) and ``faiss`` (the index type and its
+    settings, default exact flat). BM25 options: ``stemmer`` (a PyStemmer
     language, off by default), ``k1``, ``b``. Returns ``out_dir``.
     """
     from tspo.data.corpus import read_corpus
@@ -129,6 +131,7 @@ def build_index(
                 passage_prefix=passage_prefix,
                 batch_size=batch_size,
                 chunk_size=chunk_size,
+                faiss=faiss or FaissSettings(),
             )
             step = progress.add_task(f"embedding {len(docs)} documents (chunks)", total=None)
 
@@ -144,6 +147,7 @@ def build_index(
                 "query_prefix": query_prefix,
                 "passage_prefix": passage_prefix,
                 "chunk_size": chunk_size,
+                "faiss": retriever.settings.to_json(),
             }
             encoder_name = retriever.encoder.name
         step = progress.add_task("saving index", total=1)
