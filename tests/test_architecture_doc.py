@@ -75,3 +75,21 @@ def test_every_file_path_exists() -> None:
         if not any((base / path).is_file() for base in (ROOT, ROOT / "src", SRC))
     ]
     assert not missing, f"docs/architecture.md names files that do not exist: {missing}"
+
+
+SPANNING_AREAS = ("cli", "docs", "architecture", "settings", "package")
+"""What a test that spans packages is named after, in place of a package (CONTRIBUTING.md)."""
+
+
+def test_test_files_are_named_after_a_package() -> None:
+    """``test_<package>_<topic>.py`` or ``test_<package>.py`` (CONTRIBUTING.md, "Tests")."""
+    areas = [name.split(".")[1] for name in _subpackages() + _top_level_modules()]
+    areas += SPANNING_AREAS
+    misnamed = [
+        path.name
+        for path in sorted((ROOT / "tests").glob("test_*.py"))
+        if not any(
+            path.stem == f"test_{area}" or path.stem.startswith(f"test_{area}_") for area in areas
+        )
+    ]
+    assert not misnamed, f"name these after the package they test (CONTRIBUTING.md): {misnamed}"
