@@ -12,14 +12,19 @@ import json
 import math
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from tspo.errors import TSPOError
 from tspo.pretrain.items import PretrainMix
 from tspo.pretrain.packing import PackedStream, StreamPosition
 from tspo.utils import atomic_directory, file_sha256, write_json
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 STATE_DIR, MODEL_DIR, TOKENIZER_DIR, LOG_FILE = "state", "model", "tokenizer", "log.jsonl"
 
@@ -159,6 +164,81 @@ def _parent_facts(init: str) -> dict[str, Any]:
     }
 
 
+def _resume_or_start(
+    out: Path,
+    tokenizer: PreTrainedTokenizerBase,
+    config: PretrainConfig,
+    say: Callable[[str], None],
+) -> tuple[PreTrainedModel, dict[str, Any], dict[str, Any] | None]:
+    """The model, progress record and saved optimizer state of the run in ``out``: from
+    ``state/`` when it holds one with the same settings, else a new model at step 0."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    state_dir = out / STATE_DIR
+    if not state_dir.is_dir():
+        torch.manual_seed(config.seed)
+        model = _initial_model(tokenizer, config)
+        start = StreamPosition(world=config.first_world)
+        return model, {"step": 0, "seconds": 0.0, "position": asdict(start), "loss": None}, None
+    try:
+        progress = json.loads((state_dir / "progress.json").read_text(encoding="utf-8"))
+        same_settings = progress["config"] == _config_record(config)
+        if same_settings:
+            model = AutoModelForCausalLM.from_pretrained(state_dir, dtype=torch.float32)
+            saved = torch.load(state_dir / "optimizer.pt", weights_only=False)
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as err:
+        raise TSPOError(
+            f"{state_dir} is damaged ({type(err).__name__}); pass --fresh to start over"
+        ) from None
+    if not same_settings:
+        raise TSPOError(f"{out} holds a run with other settings; pass the same flags or --fresh")
+    say(f"resuming from step {progress['step']} ({state_dir})")
+    return model, progress, saved
+
+
+def _train_step(
+    model: PreTrainedModel,
+    optimizer: torch.optim.Optimizer,
+    stream: PackedStream,
+    step: int,
+    config: PretrainConfig,
+    autocast: AbstractContextManager[object],
+    device: torch.device,
+) -> float:
+    """One AdamW step on the next packed batch at step ``step``'s learning rate; the loss."""
+    import torch
+
+    from tspo.train.sft import masked_lm_loss
+
+    for group in optimizer.param_groups:
+        group["lr"] = config.lr * lr_factor(step, config)
+    input_ids, weights = stream.next_batch()
+    with autocast:
+        logits = model(input_ids=input_ids.to(device)).logits
+    loss = masked_lm_loss(logits, input_ids.to(device), weights.to(device))
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+    optimizer.step()
+    return float(loss.detach())
+
+
+def _save_base(
+    out: Path, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, facts: dict[str, Any]
+) -> None:
+    """``out/model``: weights, tokenizer, ``pretrain.json`` and the model card, all at once."""
+    from tspo.pretrain.card import write_model_card
+
+    model.eval()
+    with atomic_directory(out / MODEL_DIR) as staging:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        facts["sha256"] = file_sha256(staging / "model.safetensors")
+        write_json(staging / "pretrain.json", facts)
+        write_model_card(staging / "README.md", facts)
+
+
 def pretrain(
     out_dir: str | Path,
     config: PretrainConfig,
@@ -170,13 +250,10 @@ def pretrain(
 ) -> dict[str, Any]:
     """Pre-train (or resume) a base in ``out_dir``; returns the facts written to the model card."""
     import torch
-    from transformers import AutoModelForCausalLM
 
     from tspo.models.tiny import count_parameters
-    from tspo.pretrain.card import write_model_card
     from tspo.pretrain.gates import measure_gates
     from tspo.train.forward import autocast_context
-    from tspo.train.sft import masked_lm_loss
 
     out = Path(out_dir)
     if (out / MODEL_DIR).is_dir():
@@ -184,29 +261,7 @@ def pretrain(
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = _tokenizer(out, config)
     device = torch.device("cpu")
-    state_dir = out / STATE_DIR
-    if state_dir.is_dir():
-        try:
-            progress = json.loads((state_dir / "progress.json").read_text(encoding="utf-8"))
-            same_settings = progress["config"] == _config_record(config)
-            if same_settings:
-                model = AutoModelForCausalLM.from_pretrained(state_dir, dtype=torch.float32)
-                saved = torch.load(state_dir / "optimizer.pt", weights_only=False)
-        except (OSError, ValueError, KeyError, TypeError, RuntimeError) as err:
-            raise TSPOError(
-                f"{state_dir} is damaged ({type(err).__name__}); pass --fresh to start over"
-            ) from None
-        if not same_settings:
-            raise TSPOError(
-                f"{out} holds a run with other settings; pass the same flags or --fresh"
-            )
-        say(f"resuming from step {progress['step']} ({state_dir})")
-    else:
-        torch.manual_seed(config.seed)
-        model = _initial_model(tokenizer, config)
-        start = StreamPosition(world=config.first_world)
-        progress = {"step": 0, "seconds": 0.0, "position": asdict(start), "loss": None}
-        saved = None
+    model, progress, saved = _resume_or_start(out, tokenizer, config, say)
     model.to(device).train()  # type: ignore[arg-type]  # transformers' wrapped .to
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=config.lr, betas=(0.9, 0.95), weight_decay=config.weight_decay
@@ -235,18 +290,8 @@ def pretrain(
         }
 
     while step < config.steps:
-        for group in optimizer.param_groups:
-            group["lr"] = config.lr * lr_factor(step, config)
-        input_ids, weights = stream.next_batch()
-        with autocast:
-            logits = model(input_ids=input_ids.to(device)).logits
-        loss = masked_lm_loss(logits, input_ids.to(device), weights.to(device))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
-        optimizer.step()
+        value = _train_step(model, optimizer, stream, step, config, autocast, device)
         step += 1
-        value = float(loss.detach())
         ema = value if ema is None else 0.95 * ema + 0.05 * value
         if on_step is not None:
             on_step(step, config.steps, ema)
@@ -289,11 +334,5 @@ def pretrain(
     }
     if config.init is not None:
         facts["parent"] = _parent_facts(config.init)
-    model.eval()
-    with atomic_directory(out / MODEL_DIR) as staging:
-        model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        facts["sha256"] = file_sha256(staging / "model.safetensors")
-        write_json(staging / "pretrain.json", facts)
-        write_model_card(staging / "README.md", facts)
+    _save_base(out, model, tokenizer, facts)
     return facts

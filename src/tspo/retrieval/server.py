@@ -425,6 +425,93 @@ def _check_token(request: Request, token: str | None) -> None:
         raise RequestError(401, "invalid bearer token")
 
 
+def _add_error_handlers(app: FastAPI) -> None:
+    """Every error is one JSON object ``{"error": ...}`` with its status (and headers)."""
+
+    @app.exception_handler(RequestError)
+    async def on_request_error(_: Request, err: RequestError) -> JSONResponse:
+        headers = {"WWW-Authenticate": "Bearer"} if err.status == 401 else err.headers
+        return _error(err.status, err.message, headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http_error(_: Request, err: StarletteHTTPException) -> JSONResponse:
+        return _error(err.status_code, str(err.detail), getattr(err, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def on_failure(_: Request, err: Exception) -> JSONResponse:
+        return _error(500, f"retriever failed: {type(err).__name__}: {err}")
+
+
+def _add_health(
+    app: FastAPI, retriever: Retriever, batcher: MicroBatcher, limits: ServerLimits
+) -> None:
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        """Liveness, queue and micro-batching counters, and the request limits; 503 when dead."""
+        stats = batcher.stats
+        payload = {
+            "status": "ok" if batcher.dead is None else "unavailable",
+            "documents": len(retriever) if hasattr(retriever, "__len__") else None,
+            "batches": stats.batches,
+            "requests": stats.requests,
+            "queries": stats.queries,
+            "largest_batch": stats.largest_batch,
+            "queue_depth": batcher.queue_depth,
+            "in_flight": batcher.in_flight,
+            "busy_seconds": round(batcher.busy_seconds, 3),
+            "refused": stats.refused,
+            "abandoned": stats.abandoned,
+            "failed": stats.failed,
+            "limits": limits.as_dict(),
+        }
+        if batcher.dead is not None:
+            payload["error"] = f"retriever unavailable: {batcher.dead}"
+            return JSONResponse(payload, status_code=503)
+        return JSONResponse(payload)
+
+
+def _add_retrieve(
+    app: FastAPI,
+    batcher: MicroBatcher,
+    limits: ServerLimits,
+    *,
+    default_topk: int,
+    token: str | None,
+) -> None:
+    @app.post("/retrieve")
+    async def retrieve(request: Request) -> Response:
+        """Search-R1 ``/retrieve``: one list of results per query, in order."""
+        _check_token(request, token)
+        body = await _read_body(request, limits.max_body_bytes)
+        parsed = parse_retrieve_request(body, default_topk=default_topk, limits=limits)
+        # The body is read, so the next ASGI message is the disconnect (if the client hangs up
+        # before the answer). A watcher flags it, and the batch worker skips the request. Asking
+        # request.is_disconnected() from the worker instead costs an event-loop turn per request,
+        # which under overload stalls the worker for seconds.
+        gone = asyncio.Event()
+        watcher = asyncio.create_task(_watch_disconnect(request, gone))
+        try:
+            results = await batcher.search(parsed.queries, parsed.topk, gone.is_set)
+        except ClientGone:
+            return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
+        except RequestError:
+            raise
+        except Exception as err:  # noqa: BLE001 - this request's own search failed: one log line
+            logger.warning(
+                "retrieval failed for %d queries: %s: %s",
+                len(parsed.queries),
+                type(err).__name__,
+                err,
+            )
+            return _error(500, f"retriever failed: {type(err).__name__}: {err}")
+        finally:
+            watcher.cancel()
+        payload = [
+            [hit_to_json(hit, with_score=parsed.return_scores) for hit in hits] for hits in results
+        ]
+        return JSONResponse({"result": payload})
+
+
 def create_app(
     retriever: Retriever,
     *,
@@ -470,77 +557,9 @@ def create_app(
     app.state.batcher = batcher
     app.state.limits = limits
     app.add_middleware(_FrontDoor, batcher=batcher)
-
-    @app.exception_handler(RequestError)
-    async def on_request_error(_: Request, err: RequestError) -> JSONResponse:
-        headers = {"WWW-Authenticate": "Bearer"} if err.status == 401 else err.headers
-        return _error(err.status, err.message, headers)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def on_http_error(_: Request, err: StarletteHTTPException) -> JSONResponse:
-        return _error(err.status_code, str(err.detail), getattr(err, "headers", None))
-
-    @app.exception_handler(Exception)
-    async def on_failure(_: Request, err: Exception) -> JSONResponse:
-        return _error(500, f"retriever failed: {type(err).__name__}: {err}")
-
-    @app.get("/health")
-    async def health() -> JSONResponse:
-        """Liveness, queue and micro-batching counters, and the request limits; 503 when dead."""
-        stats = batcher.stats
-        payload = {
-            "status": "ok" if batcher.dead is None else "unavailable",
-            "documents": len(retriever) if hasattr(retriever, "__len__") else None,
-            "batches": stats.batches,
-            "requests": stats.requests,
-            "queries": stats.queries,
-            "largest_batch": stats.largest_batch,
-            "queue_depth": batcher.queue_depth,
-            "in_flight": batcher.in_flight,
-            "busy_seconds": round(batcher.busy_seconds, 3),
-            "refused": stats.refused,
-            "abandoned": stats.abandoned,
-            "failed": stats.failed,
-            "limits": limits.as_dict(),
-        }
-        if batcher.dead is not None:
-            payload["error"] = f"retriever unavailable: {batcher.dead}"
-            return JSONResponse(payload, status_code=503)
-        return JSONResponse(payload)
-
-    @app.post("/retrieve")
-    async def retrieve(request: Request) -> Response:
-        """Search-R1 ``/retrieve``: one list of results per query, in order."""
-        _check_token(request, token)
-        body = await _read_body(request, limits.max_body_bytes)
-        parsed = parse_retrieve_request(body, default_topk=default_topk, limits=limits)
-        # The body is read, so the next ASGI message is the disconnect (if the client hangs up
-        # before the answer). A watcher flags it, and the batch worker skips the request. Asking
-        # request.is_disconnected() from the worker instead costs an event-loop turn per request,
-        # which under overload stalls the worker for seconds.
-        gone = asyncio.Event()
-        watcher = asyncio.create_task(_watch_disconnect(request, gone))
-        try:
-            results = await batcher.search(parsed.queries, parsed.topk, gone.is_set)
-        except ClientGone:
-            return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
-        except RequestError:
-            raise
-        except Exception as err:  # noqa: BLE001 - this request's own search failed: one log line
-            logger.warning(
-                "retrieval failed for %d queries: %s: %s",
-                len(parsed.queries),
-                type(err).__name__,
-                err,
-            )
-            return _error(500, f"retriever failed: {type(err).__name__}: {err}")
-        finally:
-            watcher.cancel()
-        payload = [
-            [hit_to_json(hit, with_score=parsed.return_scores) for hit in hits] for hits in results
-        ]
-        return JSONResponse({"result": payload})
-
+    _add_error_handlers(app)
+    _add_health(app, retriever, batcher, limits)
+    _add_retrieve(app, batcher, limits, default_topk=default_topk, token=token)
     return app
 
 
