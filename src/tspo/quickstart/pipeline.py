@@ -304,12 +304,14 @@ def rl_train_config(
                 "max_obs_tokens": rl.max_obs_tokens,
                 "topk": rl.topk,
                 "temperature": rl.temperature,
+                "top_p": rl.top_p,
             },
             "algo": {
                 "estimator": rl.estimator,
                 "kl_coef": rl.kl_coef,
                 "alpha": rl.alpha,
                 "invalid_penalty": rl.invalid_penalty,
+                "invalid_penalty_scope": rl.invalid_penalty_scope,
             },
             "optim": {"lr": rl.lr, "schedule": "constant"},
             "train": {
