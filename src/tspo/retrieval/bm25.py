@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,6 @@ from typing import Any
 import bm25s
 import numpy as np
 from bm25s.stopwords import STOPWORDS_EN
-from scipy import sparse
 
 from tspo.errors import TSPOError
 from tspo.retrieval.base import Hit, Retriever
@@ -43,6 +43,7 @@ TOKENIZER = "regex-w2-lower-stopwords-en"
 TOKEN_PATTERN = re.compile(r"(?u)\b\w\w+\b")  # bm25s's default split: runs of >= 2 word chars
 STOPWORD_SET = frozenset(STOPWORDS_EN)
 MAX_SCORE_CELLS = 1 << 24  # queries x documents scored at once: bounds the dense score block
+SMALL_K = 8  # top-k by repeated argmax up to this k, by a partition above
 CHUNK_DOCS = 20_000  # documents tokenised per chunk of the streaming build
 OFFSETS_FILE = "doc_offsets.npy"  # under MODEL_DIR: byte offset of each line of documents.jsonl
 MMAP_ENV = "TSPO_INDEX_MMAP"  # "1": load indexes memory-mapped unless told otherwise
@@ -226,7 +227,20 @@ def build_folder(
 
 
 def top_k_rows(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per row of ``scores`` (queries, docs): the ``k`` best (docs, scores), best first."""
+    """Per row of ``scores`` (queries, docs): the ``k`` best (docs, scores), best first.
+
+    For small ``k`` (the usual 3) ``k`` passes of argmax beat a partition of every row; ties go
+    to the lower document number. ``scores`` may be overwritten.
+    """
+    if k <= SMALL_K:
+        rows = np.arange(scores.shape[0])
+        docs = np.empty((scores.shape[0], k), dtype=np.int64)
+        values = np.empty((scores.shape[0], k), dtype=scores.dtype)
+        for j in range(k):
+            docs[:, j] = best = np.argmax(scores, axis=1)
+            values[:, j] = scores[rows, best]
+            scores[rows, best] = -np.inf
+        return docs, values
     part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
     part_scores = np.take_along_axis(scores, part, axis=1)
     order = np.argsort(-part_scores, axis=1, kind="stable")
@@ -248,10 +262,11 @@ class BM25Retriever(Retriever):
         self.stemmer_name = stemmer
         self._stemmer = make_stemmer(stemmer)
         arrays = model.scores
-        self._term_doc = sparse.csr_matrix(
-            (arrays["data"], arrays["indices"], arrays["indptr"]),
-            shape=(len(arrays["indptr"]) - 1, int(arrays["num_docs"])),
-        )
+        # plain ndarray views (of memory maps too): slicing them is cheaper than np.memmap's
+        self._data = np.asarray(arrays["data"])
+        self._indices = np.asarray(arrays["indices"])
+        self._indptr = np.asarray(arrays["indptr"])
+        self._num_docs = int(arrays["num_docs"])
 
     @classmethod
     def from_docs(
@@ -273,27 +288,32 @@ class BM25Retriever(Retriever):
     def __len__(self) -> int:
         return len(self.table)
 
-    def _query_matrix(self, queries: Sequence[str]) -> sparse.csr_matrix:
-        """(queries, vocabulary) term counts; words outside the vocabulary are dropped."""
-        vocab = self.model.vocab_dict
-        rows, cols = [], []
-        for row, query in enumerate(queries):
-            ids = [vocab[t] for t in tokenize(query, self._stemmer) if t in vocab]
-            rows.extend([row] * len(ids))
-            cols.extend(ids)
-        counts = np.ones(len(cols), dtype=self._term_doc.dtype)
-        return sparse.csr_matrix(
-            (counts, (rows, cols)), shape=(len(queries), self._term_doc.shape[0])
-        )
+    def _query_terms(self, query: str) -> Counter[int]:
+        """Term id -> count in ``query``; words outside the index vocabulary are dropped."""
+        vocab, n_terms = self.model.vocab_dict, len(self._indptr) - 1
+        ids = (vocab.get(t, -1) for t in tokenize(query, self._stemmer))
+        return Counter(i for i in ids if 0 <= i < n_terms)
 
     def scores(self, queries: Sequence[str]) -> np.ndarray:
-        """(queries, documents) BM25 scores."""
-        query_terms = self._query_matrix(queries)
-        scores = (query_terms @ self._term_doc).toarray()
+        """(queries, documents) BM25 scores.
+
+        Each query term adds its posting list (documents, precomputed contributions) to the
+        query's row; a term's documents are distinct, so a buffered ``+=`` is exact. The cost is
+        the postings the query touches plus one pass over the documents.
+        """
+        out = np.zeros((len(queries), self._num_docs), dtype=self._data.dtype)
         nonoccurrence = getattr(self.model, "nonoccurrence_array", None)
-        if nonoccurrence is not None:  # BM25L / BM25+ score absent terms too
-            scores += (query_terms @ nonoccurrence)[:, None]
-        return scores
+        indptr, indices, data = self._indptr, self._indices, self._data
+        for row, query in enumerate(queries):
+            terms = self._query_terms(query)
+            for term, count in terms.items():
+                start, end = int(indptr[term]), int(indptr[term + 1])
+                out[row, indices[start:end]] += (
+                    data[start:end] * count if count > 1 else (data[start:end])
+                )
+            if nonoccurrence is not None and terms:  # BM25L / BM25+ score absent terms too
+                out[row] += sum(count * nonoccurrence[t] for t, count in terms.items())
+        return out
 
     def search(self, queries: list[str], topk: int = 3) -> list[list[Hit]]:
         if not queries:

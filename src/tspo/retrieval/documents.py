@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import mmap
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,7 +81,7 @@ class MappedDocumentTable:
     of the file for newlines.
     """
 
-    def __init__(self, data: np.ndarray, offsets: np.ndarray):
+    def __init__(self, data: mmap.mmap | bytes, offsets: np.ndarray):
         self._data = data
         self._offsets = offsets
 
@@ -88,12 +90,13 @@ class MappedDocumentTable:
         cls, folder: str | Path, offsets_path: str | Path | None = None
     ) -> MappedDocumentTable:
         path = Path(folder) / DOCUMENTS_FILE
-        size = path.stat().st_size
-        data = np.memmap(path, dtype=np.uint8, mode="r") if size else np.zeros(0, np.uint8)
+        with open(path, "rb") as handle:
+            size = os.fstat(handle.fileno()).st_size
+            data = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
         if offsets_path is not None and Path(offsets_path).is_file():
-            offsets = np.load(offsets_path, mmap_mode="r")
+            offsets = np.asarray(np.load(offsets_path, mmap_mode="r"))
         else:
-            offsets = cls._scan_offsets(data)
+            offsets = cls._scan_offsets(np.frombuffer(data, dtype=np.uint8))
         if len(offsets) < 1 or int(offsets[-1]) != size:
             raise ValueError(f"line offsets do not match {path}")
         return cls(data, offsets)
@@ -117,9 +120,9 @@ class MappedDocumentTable:
         atomic_write_text(Path(folder) / DOCUMENTS_FILE, bytes(self._data).decode("utf-8"))
 
     def hit(self, row: int, score: float) -> Hit:
-        start, end = int(self._offsets[row]), int(self._offsets[row + 1])
         from tspo.data.corpus import split_contents
 
-        record = json.loads(bytes(self._data[start:end]).decode("utf-8"))
+        start, end = int(self._offsets[row]), int(self._offsets[row + 1])
+        record = json.loads(self._data[start:end])
         title, text = split_contents(record["contents"])
         return Hit(doc_id=str(record["id"]), title=title, text=text, score=score)
