@@ -76,10 +76,15 @@ smollm2-wiki: setup
 		--model $$(ls -d $(WIKI_RUN)/rl-$(WIKI_ESTIMATOR)/checkpoints/step-* | tail -n 1) \
 		--out $(WIKI_RUN)/eval/rl-$(WIKI_ESTIMATOR)
 
+# Retrieval at 10k/100k/1M generated passages (+ faiss types on the extracts): corpora, indexes
+# and embeddings go to $TMPDIR/tspo-retrieval-scale (~3 GB); `make bench SCALE_SIZES=10k` is quick.
+SCALE_SIZES ?= 10k,100k,1M
+
 bench: setup
 	$(BIN)/pip install -q -e '.[bench]'
 	$(BIN)/python benchmarks/algo.py
 	$(BIN)/python benchmarks/retrieval.py
+	$(BIN)/python benchmarks/retrieval_scale.py --sizes $(SCALE_SIZES)
 	$(BIN)/python benchmarks/overload.py
 	$(BIN)/python benchmarks/rollout.py
 	$(BIN)/python benchmarks/update.py
