@@ -1,4 +1,7 @@
-"""The Typer apps every command module attaches to. Kept import-light: no torch here."""
+"""The Typer apps every command module attaches to, and the options several commands share.
+
+Kept import-light: no torch here.
+"""
 
 from typing import Annotated
 
@@ -15,6 +18,17 @@ data_app = typer.Typer(help="Build datasets: the bundled Wikipedia QA and the sy
 index_app = typer.Typer(help="Build retrieval indexes (BM25 or dense).")
 app.add_typer(data_app, name="data", no_args_is_help=True)
 app.add_typer(index_app, name="index", no_args_is_help=True)
+
+# Options several commands share, declared once.
+ThreadsOption = Annotated[
+    int | None,
+    typer.Option(
+        "--threads", help="torch CPU threads (default: $TSPO_THREADS, else the free cores)."
+    ),
+]
+OverwriteOption = Annotated[
+    bool, typer.Option("--overwrite", help="Replace OUT when it already holds files.")
+]
 
 
 def _print_version(value: bool) -> None:

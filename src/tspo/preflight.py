@@ -134,6 +134,13 @@ def output_dir(path: str | Path, label: str) -> None:
         raise TSPOError(f"{label}: cannot write to {existing} (permission denied)")
 
 
+def empty_output(path: str | Path, overwrite: bool) -> None:
+    """``path`` is absent or an empty folder, or ``--overwrite`` says to replace what it holds."""
+    path = Path(path)
+    if path.exists() and (not path.is_dir() or any(path.iterdir())) and not overwrite:
+        raise TSPOError(f"{path} already exists and is not empty; pass --overwrite to replace it")
+
+
 def fresh_run_folder(path: str | Path) -> None:
     """Refuse a folder that already holds a training run (mirrors ``refuse_existing_run``)."""
     path = Path(path)

@@ -8,9 +8,10 @@ from typing import Annotated
 
 import typer
 
-from tspo.cli_apps import data_app
+from tspo.cli_apps import OverwriteOption, data_app
 
 WORLD_SIZES = "tiny|small|medium|large"
+WorldSizeOption = Annotated[str, typer.Option("--size", help=f"World size: {WORLD_SIZES}.")]
 
 
 @data_app.command("wiki")
@@ -29,9 +30,7 @@ def wiki(
         float,
         typer.Option("--test-frac", help="Share of answer articles whose questions go to test."),
     ] = 0.1,
-    overwrite: Annotated[
-        bool, typer.Option("--overwrite", help="Replace OUT when it already holds files.")
-    ] = False,
+    overwrite: OverwriteOption = False,
 ) -> None:
     """Build the bundled Wikipedia dataset: corpus.jsonl plus single-hop and bridge QA.
 
@@ -41,10 +40,9 @@ def wiki(
     already holds files is refused without --overwrite: another seed changes the test split under
     the runs that used it.
     """
-    from tspo.errors import TSPOError
+    from tspo import preflight
 
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise TSPOError(f"{out} already exists and is not empty; pass --overwrite to replace it")
+    preflight.empty_output(out, overwrite)
 
     from rich.console import Console
     from rich.table import Table
@@ -78,7 +76,7 @@ def world(
     seed: Annotated[
         int, typer.Option("--seed", help="Seed: the same seed always gives the same world.")
     ] = 0,
-    size: Annotated[str, typer.Option("--size", help=f"World size: {WORLD_SIZES}.")] = "small",
+    size: WorldSizeOption = "small",
 ) -> None:
     """Generate the synthetic search world: made-up entities, a corpus, 1-3 hop questions.
 

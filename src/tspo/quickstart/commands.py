@@ -8,10 +8,11 @@ from typing import Annotated
 
 import typer
 
-from tspo.cli_apps import app
-from tspo.data.commands import WORLD_SIZES
+from tspo.cli_apps import ThreadsOption, app
+from tspo.data.commands import WorldSizeOption
 from tspo.quickstart.settings import PolicyStage, RLStage
 
+FreshOption = Annotated[bool, typer.Option("--fresh", help="Start over instead of reusing stages.")]
 RL_STEPS_HELP = f"RL steps (default {RLStage.steps})."
 
 
@@ -48,11 +49,9 @@ def check_run_inputs(
 @app.command("quickstart")
 def quickstart(
     out: Annotated[Path, typer.Option("--out", help="Run folder.")] = Path("runs/quickstart"),
-    fresh: Annotated[
-        bool, typer.Option("--fresh", help="Start over instead of reusing stages.")
-    ] = False,
+    fresh: FreshOption = False,
     steps: Annotated[int | None, typer.Option("--steps", help=RL_STEPS_HELP)] = None,
-    size: Annotated[str, typer.Option("--size", help=f"World size: {WORLD_SIZES}.")] = "small",
+    size: WorldSizeOption = "small",
     estimator: Annotated[
         str, typer.Option("--estimator", help="Advantage estimator for RL.")
     ] = "tspo",
@@ -60,12 +59,7 @@ def quickstart(
     base: Annotated[
         str, typer.Option("--base", help="Base model folder or alias that SFT starts from.")
     ] = PolicyStage.base,
-    threads: Annotated[
-        int | None,
-        typer.Option(
-            "--threads", help="torch CPU threads (default: $TSPO_THREADS, else the free cores)."
-        ),
-    ] = None,
+    threads: ThreadsOption = None,
 ) -> None:
     """Train a small search agent end to end on CPU and write a report.
 
@@ -111,17 +105,10 @@ def compare(
             "--eval-examples", help="Size of the fixed test subset evaluated along the way."
         ),
     ] = 90,
-    size: Annotated[str, typer.Option("--size", help=f"World size: {WORLD_SIZES}.")] = "small",
+    size: WorldSizeOption = "small",
     out: Annotated[Path, typer.Option("--out", help="Run folder.")] = Path("runs/compare"),
-    fresh: Annotated[
-        bool, typer.Option("--fresh", help="Start over instead of reusing stages.")
-    ] = False,
-    threads: Annotated[
-        int | None,
-        typer.Option(
-            "--threads", help="torch CPU threads (default: $TSPO_THREADS, else the free cores)."
-        ),
-    ] = None,
+    fresh: FreshOption = False,
+    threads: ThreadsOption = None,
 ) -> None:
     """Compare advantage estimators from one SFT start over several seeds.
 

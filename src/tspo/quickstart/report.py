@@ -11,9 +11,13 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tspo.errors import TSPOError
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
 
 # Labels of the step metrics the reports plot (keys of the trainer's metrics.jsonl).
 METRIC_LABELS = {
@@ -73,6 +77,23 @@ def _series(metrics: Sequence[Mapping[str, Any]], key: str) -> tuple[list[int], 
     return steps, values
 
 
+def _save_plot(
+    fig: Figure, ax: Axes, path: str | Path, *, title: str, ylabel: str, legend_size: int
+) -> Path:
+    """Label a plot against training step, write it to ``path`` and close it."""
+    ax.set_xlabel("training step")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=legend_size, loc="best")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    _pyplot().close(fig)
+    return path
+
+
 def plot_step_metrics(
     metrics: Sequence[Mapping[str, Any]],
     keys: Sequence[str],
@@ -100,18 +121,8 @@ def plot_step_metrics(
         )
     for index, (label, (xs, ys)) in enumerate((points or {}).items(), start=len(keys)):
         ax.plot(list(xs), list(ys), "o--", color=f"C{index}", label=label, markersize=6)
-    ax.set_xlabel("training step")
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
     ax.set_ylim(-0.02, 1.02)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="best")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save_plot(fig, ax, path, title=title, ylabel=ylabel, legend_size=7)
 
 
 @dataclass(frozen=True)
@@ -150,17 +161,7 @@ def plot_curves(curves: Mapping[str, Curve], path: str | Path, *, title: str, yl
         high = [m + s for m, s in zip(curve.mean, curve.std, strict=True)]
         ax.plot(curve.steps, curve.mean, color=color, label=name, marker="o", markersize=3)
         ax.fill_between(curve.steps, low, high, color=color, alpha=0.15)
-    ax.set_xlabel("training step")
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="best")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save_plot(fig, ax, path, title=title, ylabel=ylabel, legend_size=8)
 
 
 def steps_to_reach(curve: Curve, target: float) -> int | None:

@@ -13,7 +13,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from tspo.cli_apps import app
+from tspo.cli_apps import OverwriteOption, ThreadsOption, app
 from tspo.errors import TSPOError
 from tspo.quickstart.settings import PolicyStage
 
@@ -342,12 +342,7 @@ def sft(
     device: Annotated[
         str, typer.Option("--device", help="--data: auto, cpu, cuda or cuda:N.")
     ] = "auto",
-    threads: Annotated[
-        int | None,
-        typer.Option(
-            "--threads", help="torch CPU threads (default: $TSPO_THREADS, else the free cores)."
-        ),
-    ] = None,
+    threads: ThreadsOption = None,
     early_answer: Annotated[
         float,
         typer.Option("--early-answer", help="How often the expert answers one hop too early."),
@@ -370,9 +365,7 @@ def sft(
         ),
     ] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed for the expert and SFT.")] = 0,
-    overwrite: Annotated[
-        bool, typer.Option("--overwrite", help="Replace OUT when it already holds files.")
-    ] = False,
+    overwrite: OverwriteOption = False,
 ) -> None:
     """Warm-start a search policy: SFT on scripted-expert episodes played through the real
     retriever and protocol, loss on the model's own tokens only (prompt and <information> blocks
@@ -384,8 +377,9 @@ def sft(
     """
     if (world_dir is None) == (data_dir is None):
         raise TSPOError("give exactly one of --world DIR (synthetic world) or --data DIR (wiki)")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise TSPOError(f"{out} already exists and is not empty; pass --overwrite to replace it")
+    from tspo import preflight
+
+    preflight.empty_output(out, overwrite)
     if data_dir is not None:
         _wiki_sft(
             data_dir, out, base=base or WIKI_SFT_BASE, lr=lr or WIKI_SFT_LR, epochs=epochs,
