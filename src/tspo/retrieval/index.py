@@ -12,12 +12,17 @@ import json
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tspo.errors import TSPOError
 from tspo.retrieval.base import Retriever
 from tspo.retrieval.dense import ChunkCallback, DenseBuildOptions, FaissSettings
 from tspo.utils import file_sha256, fsync_tree, progress_bar, write_json
+
+if TYPE_CHECKING:
+    from rich.progress import Progress
+
+    from tspo.retrieval.dense import DenseRetriever
 
 FORMAT_VERSION = 1
 KINDS = ("bm25", "dense")
@@ -68,6 +73,53 @@ def _swap_into_place(partial: Path, out_dir: Path) -> None:
         shutil.rmtree(old)
 
 
+def _build_bm25(
+    corpus_path: Path,
+    partial: Path,
+    progress: Progress,
+    *,
+    k1: float,
+    b: float,
+    stemmer: str | None,
+) -> int:
+    """Stream the corpus into a BM25 index in ``partial``; the number of documents."""
+    from tspo.data.corpus import iter_corpus
+    from tspo.retrieval.bm25 import build_folder
+
+    step = progress.add_task("BM25 indexing (streaming)", total=1)
+    doc_count = build_folder(iter_corpus(corpus_path), partial, k1=k1, b=b, stemmer=stemmer)
+    progress.update(step, completed=1)
+    return doc_count
+
+
+def _embed_corpus(
+    corpus_path: Path,
+    partial: Path,
+    progress: Progress,
+    options: DenseBuildOptions,
+    on_chunk: ChunkCallback | None,
+) -> tuple[DenseRetriever, int]:
+    """Read the corpus and embed it chunk by chunk (resumable in ``partial``); the retriever and
+    the number of documents."""
+    from tspo.data.corpus import read_corpus
+    from tspo.retrieval.dense import DenseRetriever
+
+    step = progress.add_task("reading corpus", total=None)
+    docs = read_corpus(corpus_path)
+    progress.update(step, total=1, completed=1)
+    step = progress.add_task(f"embedding {len(docs)} documents (chunks)", total=None)
+
+    def report(done: int, total: int, reused: bool) -> None:
+        progress.update(step, total=total, completed=done)
+        if on_chunk is not None:
+            on_chunk(done, total, reused)
+
+    retriever = DenseRetriever.from_docs(
+        docs, options=options, work_dir=partial / EMBEDDINGS_DIR, on_chunk=report
+    )
+    return retriever, len(docs)
+
+
 def build_index(
     corpus_path: str | Path,
     kind: str,
@@ -93,8 +145,6 @@ def build_index(
     settings, default exact flat). BM25 options: ``stemmer`` (a PyStemmer
     language, off by default), ``k1``, ``b``. Returns ``out_dir``.
     """
-    from tspo.data.corpus import read_corpus
-
     corpus_path, out_dir = Path(corpus_path), Path(out_dir)
     if kind not in KINDS:
         raise TSPOError(f"unknown index kind {kind!r}; choose one of {', '.join(KINDS)}")
@@ -108,23 +158,12 @@ def build_index(
     _prepare_partial(partial)
     with progress_bar(disable=not show_progress) as progress:
         corpus_sha = file_sha256(corpus_path)
+        retriever: DenseRetriever | None = None
         if kind == "bm25":  # one streaming pass: the corpus is never held in memory
-            from tspo.data.corpus import iter_corpus
-            from tspo.retrieval.bm25 import build_folder
-
-            step = progress.add_task("BM25 indexing (streaming)", total=1)
-            doc_count = build_folder(iter_corpus(corpus_path), partial, k1=k1, b=b, stemmer=stemmer)
-            progress.update(step, completed=1)
+            doc_count = _build_bm25(corpus_path, partial, progress, k1=k1, b=b, stemmer=stemmer)
             options: dict[str, Any] = {"stemmer": stemmer, "k1": k1, "b": b}
             encoder_name = None
-            retriever: Any = None
         else:
-            step = progress.add_task("reading corpus", total=None)
-            docs = read_corpus(corpus_path)
-            doc_count = len(docs)
-            progress.update(step, total=1, completed=1)
-            from tspo.retrieval.dense import DenseRetriever
-
             dense_options = DenseBuildOptions(
                 encoder=encoder,
                 query_prefix=query_prefix,
@@ -133,15 +172,8 @@ def build_index(
                 chunk_size=chunk_size,
                 faiss=faiss or FaissSettings(),
             )
-            step = progress.add_task(f"embedding {len(docs)} documents (chunks)", total=None)
-
-            def report(done: int, total: int, reused: bool) -> None:
-                progress.update(step, total=total, completed=done)
-                if on_chunk is not None:
-                    on_chunk(done, total, reused)
-
-            retriever = DenseRetriever.from_docs(
-                docs, options=dense_options, work_dir=partial / EMBEDDINGS_DIR, on_chunk=report
+            retriever, doc_count = _embed_corpus(
+                corpus_path, partial, progress, dense_options, on_chunk
             )
             options = {
                 "query_prefix": query_prefix,
