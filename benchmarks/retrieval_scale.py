@@ -380,7 +380,9 @@ def extrapolate(sizes: list[dict[str, Any]], n: int = WIKIPEDIA_PASSAGES) -> dic
 # -- dense -----------------------------------------------------------------------------------
 
 
-def dense_benchmark(work: Path, questions: list[str], n_queries: int) -> dict[str, Any]:
+def dense_benchmark(
+    work: Path, questions: list[str], n_queries: int, scale_rows: int
+) -> dict[str, Any]:
     """faiss flat / ivfpq / hnsw over the bundled extracts: recall@3 vs flat, size, speed, mmap."""
     import faiss
     import numpy as np
@@ -442,7 +444,63 @@ def dense_benchmark(work: Path, questions: list[str], n_queries: int) -> dict[st
             f"{build_s:.2f} s, {1000 * search_s / len(query_vectors):.3f} ms/query, mmap "
             f"{'ok' if mmap_info['works'] else 'not supported'}"
         )
+    if scale_rows:
+        results["mmap_at_scale"] = _faiss_mmap_at_scale(vectors, query_vectors, scale_rows)
     return results
+
+
+def _faiss_mmap_at_scale(vectors: Any, queries: Any, rows: int) -> dict[str, Any]:
+    """Full read vs IO_FLAG_MMAP of flat and ivfpq indexes of ``rows`` vectors (the extracts'
+    embeddings repeated with noise, re-normalised): load time, resident growth, query time."""
+    import faiss
+    import numpy as np
+
+    from tspo.retrieval.dense import FaissSettings, apply_search_settings, build_faiss_index
+
+    rng = np.random.default_rng(0)
+    big = vectors[np.arange(rows) % len(vectors)] + 0.05 * rng.standard_normal(
+        (rows, vectors.shape[1]), dtype=np.float32
+    )
+    big /= np.linalg.norm(big, axis=1, keepdims=True)
+    out: dict[str, Any] = {"vectors": rows}
+    for kind in ("flat", "ivfpq"):
+        started = time.perf_counter()
+        index, used = build_faiss_index(big, FaissSettings(index_type=kind))
+        build_s = time.perf_counter() - started
+        with tempfile.TemporaryDirectory(prefix="tspo-faiss-scale-") as tmp:
+            path = Path(tmp) / "dense.faiss"
+            faiss.write_index(index, str(path))
+            del index
+            entry: dict[str, Any] = {"build_s": build_s, "bytes": path.stat().st_size}
+            for mode, flags in (("read", 0), ("mmap", faiss.IO_FLAG_MMAP)):
+                rss = _rss_now_mb()
+                started = time.perf_counter()
+                loaded = faiss.read_index(str(path), flags)
+                load_s = time.perf_counter() - started
+                apply_search_settings(loaded, used)
+                grown = _rss_now_mb() - rss
+                started = time.perf_counter()
+                loaded.search(queries[:1], 3)
+                first_ms = 1000 * (time.perf_counter() - started)
+                started = time.perf_counter()
+                loaded.search(queries, 3)
+                per_query = 1000 * (time.perf_counter() - started) / len(queries)
+                entry[mode] = {
+                    "load_s": load_s,
+                    "rss_growth_mb": grown,
+                    "rss_after_queries_growth_mb": _rss_now_mb() - rss,
+                    "first_query_ms": first_ms,
+                    "ms_per_query": per_query,
+                }
+                del loaded
+        out[kind] = entry
+        log(
+            f"dense {kind} at {rows:,} vectors: {entry['bytes'] / 1e6:.0f} MB; read "
+            f"{entry['read']['load_s']:.2f} s (+{entry['read']['rss_growth_mb']:.0f} MB), mmap "
+            f"{entry['mmap']['load_s']:.3f} s (+{entry['mmap']['rss_growth_mb']:.0f} MB, "
+            f"+{entry['mmap']['rss_after_queries_growth_mb']:.0f} MB after queries)"
+        )
+    return out
 
 
 def _faiss_mmap(path: Path, settings: Any, queries: Any) -> dict[str, Any]:
@@ -565,6 +623,26 @@ def markdown(report: dict[str, Any]) -> str:
                 f"{r['search_ms_per_query']:.3f} | {mm_text} |"
             )
         lines.append("")
+        scale = dense.get("mmap_at_scale")
+        if scale:
+            lines += [
+                f"Full read vs `IO_FLAG_MMAP` at {scale['vectors']:,} vectors (the extracts' "
+                "embeddings repeated with noise; warm page cache):",
+                "",
+                "| index | file | read: load, RSS | mmap: load, RSS | mmap: RSS after queries | "
+                "ms/query read / mmap |",
+                "|---|---:|---:|---:|---:|---:|",
+            ]
+            for kind in ("flat", "ivfpq"):
+                e = scale[kind]
+                r, m = e["read"], e["mmap"]
+                lines.append(
+                    f"| {kind} | {e['bytes'] / 1e6:.0f} MB | {r['load_s']:.2f} s, "
+                    f"+{r['rss_growth_mb']:.0f} MB | {m['load_s']:.3f} s, +{m['rss_growth_mb']:.0f}"
+                    f" MB | +{m['rss_after_queries_growth_mb']:.0f} MB | {r['ms_per_query']:.2f} / "
+                    f"{m['ms_per_query']:.2f} |"
+                )
+            lines.append("")
     lines += [
         f"Machine: {report['machine']['platform']}, {report['machine']['cpu_count']} CPUs, Python "
         f"{report['machine']['python']}; 1-minute load average {report['load_average_1m'][0]:.1f} "
@@ -650,6 +728,12 @@ def main() -> None:
     )
     parser.add_argument("--dense", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--dense-queries", type=int, default=1000)
+    parser.add_argument(
+        "--dense-scale",
+        type=int,
+        default=500_000,
+        help="Vectors for the full-read vs memory-mapped faiss comparison (0: skip).",
+    )
     parser.add_argument("--probe", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--queries", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--mmap", action="store_true", help=argparse.SUPPRESS)
@@ -674,7 +758,9 @@ def main() -> None:
         "extrapolation_21m": extrapolate(sizes),
     }
     if args.dense:
-        report["dense"] = dense_benchmark(args.work, questions, args.dense_queries)
+        report["dense"] = dense_benchmark(
+            args.work, questions, args.dense_queries, args.dense_scale
+        )
     report["peak_memory_mb"] = peak_memory_mb()
     report["machine"] = machine_info()
     report["load_average_1m"] = [load_at_start, os.getloadavg()[0]]
