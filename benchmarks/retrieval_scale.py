@@ -296,7 +296,8 @@ def measure_size(
     result["build"]["manifest_build_s"] = manifest["build_seconds"]
     result["disk"] = disk_usage(index_dir)
     log(
-        f"{name}: built in {build_s:.1f} s, peak RSS {build_rss / 1024:.2f} GB, "
+        f"{name}: built in {result['build']['seconds']:.1f} s, peak RSS "
+        f"{result['build']['peak_rss_mb'] / 1024:.2f} GB, "
         f"{result['disk']['total_gb']:.2f} GB on disk"
     )
     queries_path = work / "queries.json"
