@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tspo.quickstart.pipeline import RunPaths
 from tspo.quickstart.report import (
@@ -13,6 +13,9 @@ from tspo.quickstart.report import (
     plot_step_metrics,
 )
 from tspo.utils import atomic_write_text
+
+if TYPE_CHECKING:
+    from tspo.quickstart.settings import QuickstartSettings, RLStage
 
 PLOTS = {
     "reward": "quickstart-reward.png",
@@ -84,9 +87,6 @@ def write_quickstart_report(
     rl, policy = settings.rl, facts["policy"]
     em_before, em_after = before["overall"]["em"], after["overall"]["em"]
     plots = write_plots(paths, metrics, (em_before, em_after), rl.estimator, validation)
-    seconds = facts["seconds"]
-    window = slice(0, min(5, len(metrics)))
-    tail = slice(max(0, len(metrics) - 5), len(metrics))
     lines = [
         "# TSPO quickstart report",
         "",
@@ -107,6 +107,33 @@ def write_quickstart_report(
         "`world-Nhop` rows split the questions by the number of hops they need. Turns and "
         "searches are means per question.",
         "",
+        *_curve_lines(metrics, plots, rl),
+        "## Example trajectories (test questions)",
+        "",
+        examples_section(before_records, after_records, count=3),
+        "## How this run was made",
+        "",
+        *_provenance_lines(settings, policy, facts),
+        "<details><summary>All settings</summary>",
+        "",
+        "```json",
+        _json(asdict(settings)),
+        "```",
+        "",
+        "</details>",
+        "",
+    ]
+    atomic_write_text(paths.report, "\n".join(lines))
+    return paths.report
+
+
+def _curve_lines(
+    metrics: Sequence[Mapping[str, Any]], plots: Mapping[str, str], rl: RLStage
+) -> list[str]:
+    """The training-curves section: reward and EM, zero-signal groups, near misses."""
+    window = slice(0, min(5, len(metrics)))
+    tail = slice(max(0, len(metrics) - 5), len(metrics))
+    return [
         "## Training curves",
         "",
         f"![reward and EM]({plots['reward']})",
@@ -130,11 +157,15 @@ def write_quickstart_report(
         "Hit rate: the answer appeared in a retrieved document. Near miss: it appeared, yet the "
         "final answer was wrong (the process reward FOLR credits and the outcome reward ignores).",
         "",
-        "## Example trajectories (test questions)",
-        "",
-        examples_section(before_records, after_records, count=3),
-        "## How this run was made",
-        "",
+    ]
+
+
+def _provenance_lines(
+    settings: QuickstartSettings, policy: Mapping[str, Any], facts: Mapping[str, Any]
+) -> list[str]:
+    """How the run was made: world, policy, RL, time and machine, files."""
+    rl, seconds = settings.rl, facts["seconds"]
+    return [
         f"- World: seed {settings.world.seed}, size `{settings.world.size}`; questions per "
         f"split {facts['world']}.",
         f"- Policy: Llama-shaped, {policy['parameters']:,} parameters, vocabulary "
@@ -155,17 +186,7 @@ def write_quickstart_report(
         "`rl/` (metrics.jsonl, samples.jsonl, checkpoints), `eval/{sft,final}/` "
         "(eval.json, trajectories.jsonl).",
         "",
-        "<details><summary>All settings</summary>",
-        "",
-        "```json",
-        _json(asdict(settings)),
-        "```",
-        "",
-        "</details>",
-        "",
     ]
-    atomic_write_text(paths.report, "\n".join(lines))
-    return paths.report
 
 
 def _transfer_lines(transfer: Mapping[str, Any] | None, seed: int) -> list[str]:

@@ -5,11 +5,12 @@ from __future__ import annotations
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 
 from tspo.quickstart.pipeline import (
+    RunPaths,
     ensure_index,
     ensure_policy,
     ensure_transfer_world,
@@ -22,7 +23,61 @@ from tspo.quickstart.pipeline import (
 from tspo.quickstart.settings import QuickstartSettings
 from tspo.utils import machine_info, peak_memory_mb, write_json
 
+if TYPE_CHECKING:
+    from tspo.evaluation import EvalResult
+
 STAGES = ("world", "index", "SFT", "RL", "evaluation", "report")
+
+
+def _transfer_scores(
+    paths: RunPaths,
+    final_dir: Path,
+    settings: QuickstartSettings,
+    console: Console,
+    show_progress: bool,
+) -> dict[str, Any]:
+    """EM/F1 of the SFT start and the final policy on another world (``settings.eval.transfer``)."""
+    other = ensure_transfer_world(paths, settings, Console(quiet=True))
+    other_examples = held_out_examples(paths.transfer / "world", settings.eval.max_examples)
+    transfer: dict[str, Any] = {}
+    for name, folder in (("sft", paths.sft), ("final", final_dir)):
+        transfer[name] = evaluate_folder(
+            Path(folder),
+            other,
+            other_examples,
+            settings,
+            paths.evals / f"transfer-{name}",
+            show_progress=show_progress,
+        ).overall
+    other.close()
+    console.print(
+        f"  another world (seed {settings.world.seed + 1}): test EM "
+        f"{transfer['sft']['em']:.3f} (SFT) -> {transfer['final']['em']:.3f} (after RL)"
+    )
+    return transfer
+
+
+def _write_summary(
+    path: Path,
+    evals: dict[str, EvalResult],
+    transfer: dict[str, Any],
+    validation: list[dict[str, Any]],
+    facts: dict[str, Any],
+) -> None:
+    """``summary.json``: test EM before and after RL, the scores, the dev curve and the facts."""
+    write_json(
+        path,
+        {
+            "test_em_sft": evals["sft"].overall["em"],
+            "test_em_final": evals["final"].overall["em"],
+            "test_em_gain": evals["final"].overall["em"] - evals["sft"].overall["em"],
+            "before": evals["sft"].scores,
+            "after": evals["final"].scores,
+            "transfer": transfer,
+            "dev_em_curve": [(v["step"], v["em"]) for v in validation],
+            **{k: v for k, v in facts.items() if k != "settings"},
+        },
+    )
 
 
 def run_quickstart(
@@ -86,24 +141,11 @@ def run_quickstart(
         )
         console.print(f"  {name}: test EM {evals[name].overall['em']:.3f}")
     retriever.close()
-    transfer: dict[str, Any] = {}
-    if settings.eval.transfer:
-        other = ensure_transfer_world(paths, settings, Console(quiet=True))
-        other_examples = held_out_examples(paths.transfer / "world", settings.eval.max_examples)
-        for name, folder in (("sft", paths.sft), ("final", final_dir)):
-            transfer[name] = evaluate_folder(
-                Path(folder),
-                other,
-                other_examples,
-                settings,
-                paths.evals / f"transfer-{name}",
-                show_progress=show_progress,
-            ).overall
-        other.close()
-        console.print(
-            f"  another world (seed {settings.world.seed + 1}): test EM "
-            f"{transfer['sft']['em']:.3f} (SFT) -> {transfer['final']['em']:.3f} (after RL)"
-        )
+    transfer = (
+        _transfer_scores(paths, Path(final_dir), settings, console, show_progress)
+        if settings.eval.transfer
+        else {}
+    )
     seconds["eval"] = time.perf_counter() - t
 
     t = stage(5)
@@ -133,19 +175,7 @@ def run_quickstart(
         validation=validation,
         transfer=transfer,
     )
-    write_json(
-        paths.root / "summary.json",
-        {
-            "test_em_sft": evals["sft"].overall["em"],
-            "test_em_final": evals["final"].overall["em"],
-            "test_em_gain": evals["final"].overall["em"] - evals["sft"].overall["em"],
-            "before": evals["sft"].scores,
-            "after": evals["final"].scores,
-            "transfer": transfer,
-            "dev_em_curve": [(v["step"], v["em"]) for v in validation],
-            **{k: v for k, v in facts.items() if k != "settings"},
-        },
-    )
+    _write_summary(paths.root / "summary.json", evals, transfer, validation, facts)
     console.print(
         f"test EM {evals['sft'].overall['em']:.3f} (SFT) -> {evals['final'].overall['em']:.3f} "
         f"(after RL) in {seconds['total'] / 60:.1f} min"
