@@ -389,7 +389,7 @@ def extrapolate(sizes: list[dict[str, Any]], n: int = WIKIPEDIA_PASSAGES) -> dic
 
 
 def dense_benchmark(
-    work: Path, questions: list[str], n_queries: int, scale_rows: int
+    work: Path, questions: list[str], n_queries: int, scale_rows: int, max_passages: int | None
 ) -> dict[str, Any]:
     """faiss flat / ivfpq / hnsw over the bundled extracts: recall@3 vs flat, size, speed, mmap."""
     import faiss
@@ -399,7 +399,7 @@ def dense_benchmark(
     from tspo.retrieval.dense import Encoder, FaissSettings, build_faiss_index, encode_in_chunks
     from tspo.retrieval.documents import DocumentTable
 
-    table = DocumentTable.from_docs(read_corpus(work / "wiki" / "corpus.jsonl"))
+    table = DocumentTable.from_docs(read_corpus(work / "wiki" / "corpus.jsonl")[:max_passages])
     encoder = Encoder(None)
     log(f"dense: embedding {len(table):,} passages with MiniLM (cached in {work / 'dense-emb'})")
     started = time.perf_counter()
@@ -741,6 +741,9 @@ def main() -> None:
     parser.add_argument("--dense", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--dense-queries", type=int, default=1000)
     parser.add_argument(
+        "--dense-passages", type=int, default=None, help="Embed only the first N extracts."
+    )
+    parser.add_argument(
         "--dense-scale",
         type=int,
         default=500_000,
@@ -752,14 +755,21 @@ def main() -> None:
     parser.add_argument(
         "--from-json",
         type=Path,
-        help="Rewrite the extrapolation, Markdown and plot from a saved JSON; measure nothing.",
+        nargs="+",
+        help="Rewrite the extrapolation, Markdown and plot from saved JSON files (a BM25 run and "
+        "a dense run are merged); measure nothing.",
     )
     args = parser.parse_args()
     if args.probe:
         probe(args.probe, args.mmap, args.queries)
         return
     if args.from_json:
-        report = json.loads(args.from_json.read_text())
+        parts = [json.loads(path.read_text()) for path in args.from_json]
+        report = next(part for part in parts if part.get("sizes"))
+        for part in parts:
+            if part.get("dense") and not report.get("dense"):
+                report["dense"] = part["dense"]
+                report["dense_run"] = {k: part[k] for k in ("machine", "load_average_1m")}
         report["extrapolation_21m"] = extrapolate(report["sizes"])
         write_outputs(report, args.out, args.plot)
         return
@@ -769,7 +779,7 @@ def main() -> None:
     base = base_documents(args.work)
     questions = questions_of(args.work / "wiki")
     sizes = []
-    for n in parse_sizes(args.sizes):
+    for n in parse_sizes(args.sizes) if args.sizes else []:
         sizes.append(measure_size(n, base, args.work, questions, args.seconds, args.reuse_builds))
         write_json(args.work / "retrieval_scale.partial.json", sizes)
     report: dict[str, Any] = {
@@ -777,11 +787,11 @@ def main() -> None:
         "sizes_arg": args.sizes,
         "targets": TARGETS,
         "sizes": sizes,
-        "extrapolation_21m": extrapolate(sizes),
+        "extrapolation_21m": extrapolate(sizes) if sizes else None,
     }
     if args.dense:
         report["dense"] = dense_benchmark(
-            args.work, questions, args.dense_queries, args.dense_scale
+            args.work, questions, args.dense_queries, args.dense_scale, args.dense_passages
         )
     report["peak_memory_mb"] = peak_memory_mb()
     report["machine"] = machine_info()
@@ -792,6 +802,9 @@ def main() -> None:
 def write_outputs(report: dict[str, Any], out: Path, plot_path: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "retrieval_scale.json", report)
+    if not report["sizes"]:  # a dense-only run (--sizes ''): merge it with --from-json
+        log(f"wrote {out / 'retrieval_scale.json'} (no BM25 sizes: no Markdown or plot)")
+        return
     atomic_write_text(out / "retrieval_scale.md", markdown(report))
     plot(report, plot_path)
     log(f"wrote {out / 'retrieval_scale.json'}, retrieval_scale.md and {plot_path}")
