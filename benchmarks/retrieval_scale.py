@@ -403,13 +403,23 @@ def dense_benchmark(
     encoder = Encoder(None)
     log(f"dense: embedding {len(table):,} passages with MiniLM (cached in {work / 'dense-emb'})")
     started = time.perf_counter()
-    vectors = encode_in_chunks(
-        encoder,
-        table.contents_list(),
-        work / "dense-emb",
-        chunk_size=1024,
-        on_chunk=lambda done, total, reused: log(f"  chunk {done}/{total}{' (cached)' * reused}"),
-    )
+    if max_passages is None:
+        vectors = encode_in_chunks(
+            encoder,
+            table.contents_list(),
+            work / "dense-emb",
+            chunk_size=1024,
+            on_chunk=lambda done, total, reused: log(
+                f"  chunk {done}/{total}{' (cached)' * reused}"
+            ),
+        )
+    else:  # a prefix: read the chunks a full run saved (never re-fingerprint that folder)
+        chunks = [
+            np.load(work / "dense-emb" / f"emb-{i:05d}.npy") for i in range(len(table) // 1024)
+        ]
+        vectors = np.concatenate(chunks)
+        table = DocumentTable(table.ids[: len(vectors)], table.titles[: len(vectors)],
+                              table.texts[: len(vectors)])  # fmt: skip
     embed_s = time.perf_counter() - started
     query_vectors = encoder.encode_queries(questions[:n_queries])
     truth = None
