@@ -1,4 +1,5 @@
-"""tspo.train: the RL trainer. Config, loop, PPO update, checkpoints, logs.
+"""tspo.train: the RL trainer (config, loop, PPO update, checkpoints, logs) and the SFT warm start
+it starts from (`tspo.train.sft`).
 
 ::
 

@@ -21,7 +21,11 @@ from tspo.protocol import build_prompt, truncate_to_tokens, wrap_information
 from tspo.utils import atomic_directory
 
 if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
     from tspo.data.expert import ExpertTrajectory
+    from tspo.data.qa import QAExample
+    from tspo.retrieval.base import Retriever
 
 
 @dataclass(frozen=True)
@@ -392,6 +396,38 @@ def _with_lora(model: Any) -> Any:
     return get_peft_model(model, config)
 
 
+def _play_wiki_expert(
+    questions: list[QAExample],
+    retriever: Retriever,
+    tokenizer: PreTrainedTokenizerBase,
+    episodes: int,
+    *,
+    topk: int,
+    max_obs_tokens: int,
+) -> tuple[list[ExpertTrajectory], int, dict[str, str]]:
+    """The expert's first ``episodes`` episodes over ``questions`` in file order, how many
+    questions that took, and why each skipped question was skipped (question id -> reason)."""
+    from tspo.data.wiki_expert import run_wiki_expert
+
+    played = 0
+    solved: list[ExpertTrajectory] = []
+    skipped: dict[str, str] = {}
+    while len(solved) < episodes and played < len(questions):
+        # Play about as many more questions as episodes are missing (plus a margin for skips).
+        chunk = questions[played : played + max(64, int((episodes - len(solved)) * 1.25))]
+        result = run_wiki_expert(
+            chunk, retriever, tokenizer=tokenizer, topk=topk, max_obs_tokens=max_obs_tokens
+        )
+        played += len(chunk)
+        solved += result.episodes
+        skipped.update(result.skipped)
+    if len(solved) > episodes:  # the questions after the last kept episode count as unplayed
+        solved = solved[:episodes]
+        last = solved[-1].example.id
+        played = next(i for i, q in enumerate(questions) if q.id == last) + 1
+    return solved, played, skipped
+
+
 def wiki_sft(
     data_dir: str | Path,
     out_dir: str | Path,
@@ -418,7 +454,6 @@ def wiki_sft(
     from dataclasses import replace
 
     from tspo.data.qa import read_qa
-    from tspo.data.wiki_expert import run_wiki_expert
     from tspo.models.loading import load_tokenizer
     from tspo.retrieval.index import open_retriever
 
@@ -438,26 +473,14 @@ def wiki_sft(
     with open_retriever(
         index=str(index) if index else None, corpus=None if index else str(corpus)
     ) as retriever:
-        played = 0
-        solved: list[ExpertTrajectory] = []
-        skipped: dict[str, str] = {}  # question id -> reason
-        while len(solved) < episodes and played < len(questions):
-            # Play about as many more questions as episodes are missing (plus a margin for skips).
-            chunk = questions[played : played + max(64, int((episodes - len(solved)) * 1.25))]
-            result = run_wiki_expert(
-                chunk,
-                retriever,
-                tokenizer=tokenizer,
-                topk=topk,
-                max_obs_tokens=config.max_obs_tokens,
-            )
-            played += len(chunk)
-            solved += result.episodes
-            skipped.update(result.skipped)
-    if len(solved) > episodes:  # the questions after the last kept episode count as unplayed
-        solved = solved[:episodes]
-        last = solved[-1].example.id
-        played = next(i for i, q in enumerate(questions) if q.id == last) + 1
+        solved, played, skipped = _play_wiki_expert(
+            questions,
+            retriever,
+            tokenizer,
+            episodes,
+            topk=topk,
+            max_obs_tokens=config.max_obs_tokens,
+        )
     reasons = Counter(skipped[q.id] for q in questions[:played] if q.id in skipped)
     by_kind = Counter(e.example.metadata.get("kind", "?") for e in solved)
     played_kind = Counter(q.metadata.get("kind", "?") for q in questions[:played])
