@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from retrieval_helpers import TOPICS, corpus_docs
 from scipy import sparse
 
-from tspo.data.corpus import CorpusDoc
+from tspo.data.corpus import CorpusDoc, write_corpus
 from tspo.errors import TSPOError
 from tspo.retrieval.base import Hit
 from tspo.retrieval.bm25 import MMAP_ENV, BM25Retriever, build_folder, index_arrays, tokenize
@@ -181,3 +181,18 @@ def test_mmap_load_maps_arrays_and_documents(tmp_path, monkeypatch):
     assert isinstance(BM25Retriever.load(tmp_path / "idx").table, MappedDocumentTable)
     monkeypatch.setenv(MMAP_ENV, "0")
     assert not isinstance(BM25Retriever.load(tmp_path / "idx").table, MappedDocumentTable)
+
+
+def test_mapped_index_is_checked_by_size_not_hash(tmp_path):
+    from tspo.retrieval.index import build_index, load_retriever
+
+    corpus = tmp_path / "corpus.jsonl"
+    write_corpus(corpus_docs(), corpus)
+    build_index(corpus, "bm25", tmp_path / "idx", show_progress=False)
+    documents = tmp_path / "idx" / "documents.jsonl"
+    data = documents.read_bytes()
+    documents.write_bytes(data.replace(b"Mona Lisa", b"Mona Lise", 1))  # same size
+    with pytest.raises(TSPOError, match="SHA-256"):
+        load_retriever(tmp_path / "idx")
+    mapped = load_retriever(tmp_path / "idx", mmap=True)  # sizes only: the map reads lazily
+    assert len(mapped) == len(TOPICS)

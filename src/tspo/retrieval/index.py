@@ -237,14 +237,15 @@ def read_manifest(index_dir: str | Path) -> dict[str, Any]:
     return manifest
 
 
-def check_files(index_dir: str | Path, manifest: dict[str, Any]) -> None:
+def check_files(index_dir: str | Path, manifest: dict[str, Any], *, hashes: bool = True) -> None:
     """Every file the manifest lists is present with its recorded size and SHA-256.
 
-    Manifests written before hashes were recorded (no ``sha256`` key) are checked by size only.
+    Manifests written before hashes were recorded (no ``sha256`` key), and every manifest when
+    ``hashes`` is False, are checked by size only.
     """
     index_dir = Path(index_dir)
-    hashes = manifest.get("sha256")
-    if hashes is not None and not isinstance(hashes, dict):
+    sha256 = manifest.get("sha256")
+    if sha256 is not None and not isinstance(sha256, dict):
         raise TSPOError(f"{index_dir / MANIFEST_FILE} is corrupt: 'sha256' is not an object")
     for name, size in manifest["files"].items():
         path = index_dir / name
@@ -255,7 +256,7 @@ def check_files(index_dir: str | Path, manifest: dict[str, Any]) -> None:
                 f"index {index_dir} is damaged: {name} has {path.stat().st_size} bytes, "
                 f"the manifest says {size}"
             )
-        if hashes is not None and file_sha256(path) != hashes.get(name):
+        if hashes and sha256 is not None and file_sha256(path) != sha256.get(name):
             raise TSPOError(
                 f"index {index_dir} is damaged: {name} does not match the SHA-256 in its manifest"
             )
@@ -271,11 +272,15 @@ def load_retriever(
 
     With ``corpus_path``, also check that the index was built from exactly that corpus file.
     ``mmap=True`` memory-maps the index instead of reading it (BM25 arrays and documents; a
-    dense index of a type faiss can map); ``None`` follows ``$TSPO_INDEX_MMAP``.
+    dense index of a type faiss can map); ``None`` follows ``$TSPO_INDEX_MMAP``. A mapped index
+    is checked by file sizes only: hashing would read every byte the map exists not to read.
     """
+    from tspo.retrieval.bm25 import mmap_default
+
     index_dir = Path(index_dir)
+    mmap = mmap_default(mmap)
     manifest = read_manifest(index_dir)
-    check_files(index_dir, manifest)
+    check_files(index_dir, manifest, hashes=not mmap)
     if corpus_path is not None and file_sha256(corpus_path) != manifest.get("corpus_sha256"):
         raise TSPOError(f"index {index_dir} was built from a different corpus than {corpus_path}")
     if manifest["kind"] == "bm25":
