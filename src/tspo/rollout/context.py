@@ -7,29 +7,21 @@ the cache between turns (keys already carry their rotary positions, so moving co
 
 Keys and values live in preallocated buffers (`BufferedLayer`) that new columns are written into,
 instead of transformers' default of concatenating the whole cache again at every decoding step.
+`BufferedLayer` subclasses an internal transformers class through `tspo.rollout.hf_cache`, the
+one module that touches those internals.
 """
 
 from __future__ import annotations
 
-import inspect
 from typing import cast
 
 import torch
-from transformers import DynamicCache, LlamaForCausalLM
-from transformers.cache_utils import DynamicLayer
+from transformers import DynamicCache
 
-from tspo.errors import TSPOError
-
-# transformers renamed ``past_key_values`` to ``cache`` during 5.x; use whichever this version has
-# (decided once from a stock model class, so wrapped models with ``**kwargs`` forwards work too).
-CACHE_KWARG = (
-    "cache"
-    if "cache" in inspect.signature(LlamaForCausalLM.forward).parameters
-    else "past_key_values"
-)
+from tspo.rollout.hf_cache import CACHE_KWARG, CacheLayer, cache_with_layers
 
 
-class BufferedLayer(DynamicLayer):
+class BufferedLayer(CacheLayer):
     """A full-attention cache layer over a (B, H, capacity, D) buffer; ``keys`` is a view of it.
 
     ``reserve`` grows the capacity ahead of a known number of columns, so decoding a turn writes
@@ -121,18 +113,11 @@ class BufferedLayer(DynamicLayer):
         self.values = self._values[:, :, : self.length]
 
 
-def new_cache(config) -> DynamicCache:
-    """A `DynamicCache` of `BufferedLayer`s.
-
-    Holes would shift a sliding window (it counts columns, not tokens), so only models whose
-    layers all use full attention are supported.
-    """
-    cache = DynamicCache(config=config)
-    if any(type(layer) is not DynamicLayer for layer in cache.layers):
-        kinds = sorted({type(layer).__name__ for layer in cache.layers})
-        raise TSPOError(f"rollouts need full-attention layers only; this model has {kinds}")
-    cache.layers = [BufferedLayer() for _ in cache.layers]
-    return cache
+def new_cache(config, layers: list[BufferedLayer] | None = None) -> DynamicCache:
+    """A `DynamicCache` of ``layers``, or of empty `BufferedLayer`s (full-attention models only)."""
+    if layers is not None:
+        return cache_with_layers(config, lambda _: layers)
+    return cache_with_layers(config, lambda count: [BufferedLayer() for _ in range(count)])
 
 
 class CachedContext:
@@ -212,8 +197,7 @@ class CachedContext:
         rows = rows.to(self.device)
         child = CachedContext.__new__(CachedContext)
         child.model, child.pad_id, child.device = self.model, self.pad_id, self.device
-        child.cache = new_cache(self.model.config)
-        child.cache.layers = [layer.copy_rows(rows) for layer in self.layers]
+        child.cache = new_cache(self.model.config, [layer.copy_rows(rows) for layer in self.layers])
         child.mask = self.mask.index_select(0, rows)
         child.positions = self.positions.index_select(0, rows)
         return child
