@@ -8,11 +8,18 @@ trainers compute them outside their loss).
 Both sides get the *same* batch: TRL's own ``_generate_and_score_completions`` samples it once from
 the model (B = prompts x group size, completions of ``--completion-tokens``), then the same tensors
 go to ``GRPOTrainer.compute_loss`` and to ``tspo.train.update.ppo_update``, starting from the same
-weights. Each side runs in its own subprocesses (so its peak memory is its own), alternating
-tspo, TRL, tspo, ... for ``--rounds`` rounds so a change in machine load hits both sides alike.
+weights.
+
+Each variant (trainer x precision: ``tspo``/``trl`` in ``fp32`` and ``bf16`` autocast, plus
+``tspo-padded``, tspo's previous padded path, to measure the packed path against) lives in its own
+worker process for the whole run, so its peak memory is its own. The parent hands out one update
+at a time, round-robin over the workers (the first worker of a round rotates), so never two run at
+once and a change in machine load hits every variant alike. Each update is timed in wall seconds
+and in the worker's CPU seconds; ratios are medians over rounds of the ratio within a round. The
+headline is like for like: tspo fp32 vs TRL fp32, and tspo bf16 vs TRL bf16.
 
     python benchmarks/update.py                  # CPU, tiny model
-    python benchmarks/update.py --device cuda --preset qwen2.5-0.5b-shape
+    python benchmarks/update.py --device cuda --preset qwen2.5-0.5b-shape --precisions bf16
 
 Needs ``trl`` (``pip install "trl==1.16.0"``; it works with transformers 5.x). Writes
 ``docs/bench/update.json`` and ``docs/bench/update.md``.
@@ -22,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -51,20 +59,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--group-size", type=int, default=4, help="trajectories per question")
     parser.add_argument("--completion-tokens", type=int, default=128, help="tokens per completion")
     parser.add_argument("--micro-batch", type=int, default=4, help="trajectories per forward pass")
-    parser.add_argument("--repeats", type=int, default=3, help="timed updates per worker run")
-    parser.add_argument(
-        "--rounds", type=int, default=3, help="worker runs per side, alternating tspo and TRL"
-    )
+    parser.add_argument("--rounds", type=int, default=8, help="timed updates per variant")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
-    parser.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA) on both sides")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
+    parser.add_argument(
+        "--precisions", default="fp32,bf16", help="comma list of fp32 and bf16 (autocast)"
+    )
+    parser.add_argument(
+        "--ragged",
+        action="store_true",
+        help="completions of seeded lengths from 1/8 to all of --completion-tokens",
+    )
+    parser.add_argument(
+        "--no-padded", action="store_true", help="skip the tspo-padded (previous path) variant"
+    )
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (0 = default)")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "bench" / "update.json")
-    parser.add_argument("--worker", choices=["tspo", "trl"], help=argparse.SUPPRESS)
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
-def build_trl_trainer(args: argparse.Namespace, workdir: Path):
+def build_trl_trainer(args: argparse.Namespace, workdir: Path, bf16: bool = False):
     """A GRPOTrainer over the saved model with the benchmark's batch shape.
 
     TRL loads the model (and its frozen reference copy) from the folder itself.
@@ -86,7 +101,7 @@ def build_trl_trainer(args: argparse.Namespace, workdir: Path):
         loss_type="bnpo",  # token-mean over the micro-batch, like tspo's token-mean
         max_grad_norm=1.0,
         use_cpu=args.device == "cpu",
-        bf16=args.bf16,
+        bf16=bf16,
         report_to=[],
         logging_steps=1_000_000,
         save_strategy="no",
@@ -132,6 +147,8 @@ def prepare(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     tensors = {k: v.cpu() for k, v in batch.items() if isinstance(v, torch.Tensor)}
     if tensors.get("old_per_token_logps") is None:
         tensors.pop("old_per_token_logps", None)
+    if args.ragged:
+        cut_completions(tensors, trainer.processing_class.pad_token_id)
     torch.save(tensors, workdir / "batch.pt")
     completion_mask = tensors["completion_mask"]
     return {
@@ -142,6 +159,23 @@ def prepare(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         "completion_tokens_max": completion_mask.shape[1],
         "completion_tokens_mean": float(completion_mask.sum(1).float().mean()),
     }
+
+
+def cut_completions(tensors: dict[str, Any], pad_id: int) -> None:
+    """End each completion at a seeded length in [completion_tokens / 8, completion_tokens], as
+    if it had sampled its end-of-sequence token there (the random model never does)."""
+    import torch
+
+    mask = tensors["completion_mask"]
+    width = mask.shape[1]
+    generator = torch.Generator().manual_seed(0)
+    lengths = torch.randint(max(width // 8, 1), width + 1, (mask.shape[0],), generator=generator)
+    keep = (torch.arange(width)[None] < lengths[:, None]).to(mask.dtype)
+    tensors["completion_mask"] = mask * keep
+    tensors["completion_ids"] = tensors["completion_ids"].masked_fill(keep == 0, pad_id)
+    for name in ("ref_per_token_logps", "old_per_token_logps"):
+        if name in tensors:
+            tensors[name] = tensors[name] * keep
 
 
 def load_batch(workdir: Path, device: str) -> dict[str, Any]:
@@ -173,7 +207,8 @@ def tspo_update_batch(batch: dict[str, Any], model: Any, micro: int):
     return update
 
 
-def run_tspo(args: argparse.Namespace, workdir: Path) -> list[float]:
+def tspo_updater(args: argparse.Namespace, workdir: Path, bf16: bool, packed: bool):
+    """One tspo policy update per call, on the saved model and batch."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -192,24 +227,22 @@ def run_tspo(args: argparse.Namespace, workdir: Path) -> list[float]:
         max_grad_norm=1.0,
         temperature=1.0,
         algo=AlgoConfig(kl_coef=0.001, kl_type="low_var_kl"),
+        packed=packed,
     )
     generator = torch.Generator().manual_seed(0)
-    autocast = autocast_context(torch.device(args.device), args.bf16)
-    seconds = []
-    for repeat in range(args.repeats + 1):  # the first update warms up and is not counted
-        synchronize(args.device)
-        start = time.perf_counter()
+    autocast = autocast_context(torch.device(args.device), bf16)
+
+    def update() -> None:
         ppo_update(model, optimizer, batch, settings, generator=generator, autocast=autocast)
-        synchronize(args.device)
-        if repeat:
-            seconds.append(time.perf_counter() - start)
-    return seconds
+
+    return update
 
 
-def run_trl(args: argparse.Namespace, workdir: Path) -> list[float]:
+def trl_updater(args: argparse.Namespace, workdir: Path, bf16: bool):
+    """One TRL policy update per call: compute_loss + backward per micro-batch, clip, AdamW."""
     import torch
 
-    trainer, _ = build_trl_trainer(args, workdir)
+    trainer, _ = build_trl_trainer(args, workdir, bf16)
     batch = load_batch(workdir, args.device)
     size = batch["completion_ids"].shape[0]
     micro_batches = [
@@ -220,10 +253,8 @@ def run_trl(args: argparse.Namespace, workdir: Path) -> list[float]:
     trainer.current_gradient_accumulation_steps = len(micro_batches)
     model = trainer.model
     params = [p for p in model.parameters() if p.requires_grad]
-    seconds = []
-    for repeat in range(args.repeats + 1):
-        synchronize(args.device)
-        start = time.perf_counter()
+
+    def update() -> None:
         model.train()
         for inputs in micro_batches:
             with trainer.compute_loss_context_manager():
@@ -232,10 +263,8 @@ def run_trl(args: argparse.Namespace, workdir: Path) -> list[float]:
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         trainer.optimizer.step()
         trainer.optimizer.zero_grad(set_to_none=True)
-        synchronize(args.device)
-        if repeat:
-            seconds.append(time.perf_counter() - start)
-    return seconds
+
+    return update
 
 
 def synchronize(device: str) -> None:
@@ -246,7 +275,8 @@ def synchronize(device: str) -> None:
 
 
 def worker(args: argparse.Namespace) -> None:
-    """Run one side and print its result as one JSON line."""
+    """Serve one variant: warm up, then one timed update per ``run`` line read from stdin, each
+    answered with one JSON line; ``exit`` answers with the peak memory and stops."""
     import torch
 
     from tspo.utils import peak_memory_mb
@@ -255,45 +285,171 @@ def worker(args: argparse.Namespace) -> None:
         torch.set_num_threads(args.threads)
     if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
-    seconds = (run_tspo if args.worker == "tspo" else run_trl)(args, args.workdir)
-    print(json.dumps({"seconds": seconds, **peak_memory_mb()}))
+    side, precision = args.worker.rsplit("-", 1)
+    bf16 = precision == "bf16"
+    if side == "trl":
+        update = trl_updater(args, args.workdir, bf16)
+    else:
+        update = tspo_updater(args, args.workdir, bf16, packed=side == "tspo")
+    update()  # warm-up, not counted
+    synchronize(args.device)
+    print(json.dumps({"ready": True}), flush=True)
+    for line in sys.stdin:
+        if line.strip() != "run":
+            break
+        wall, cpu = time.perf_counter(), time.process_time()
+        update()
+        synchronize(args.device)
+        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+        print(json.dumps({"wall": wall, "cpu": cpu}), flush=True)
+    print(json.dumps(peak_memory_mb()), flush=True)
 
 
-def run_side(side: str, argv: list[str], workdir: Path) -> dict[str, Any]:
-    command = [sys.executable, __file__, *argv, "--worker", side, "--workdir", str(workdir)]
-    done = subprocess.run(command, capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        raise SystemExit(f"{side} worker failed:\n{done.stderr[-4000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+class Worker:
+    """A running worker process of one variant."""
+
+    def __init__(self, variant: str, argv: list[str], workdir: Path):
+        self.variant = variant
+        command = [sys.executable, __file__, *argv, "--worker", variant, "--workdir", str(workdir)]
+        self.process = subprocess.Popen(
+            command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
+        self.reply()  # ready
+
+    def reply(self) -> dict[str, Any]:
+        assert self.process.stdout is not None
+        line = self.process.stdout.readline()
+        if not line:
+            raise SystemExit(f"{self.variant} worker failed (exit {self.process.wait()})")
+        return json.loads(line)
+
+    def send(self, command: str) -> dict[str, Any]:
+        assert self.process.stdin is not None
+        self.process.stdin.write(command + "\n")
+        self.process.stdin.flush()
+        return self.reply()
+
+    def close(self) -> dict[str, Any]:
+        peak = self.send("exit")
+        self.process.wait()
+        return peak
+
+
+def variants(args: argparse.Namespace) -> list[str]:
+    precisions = [p.strip() for p in args.precisions.split(",") if p.strip()]
+    if not precisions or set(precisions) - {"fp32", "bf16"}:
+        raise SystemExit("--precisions takes fp32 and/or bf16")
+    names = [f"{side}-{p}" for p in precisions for side in ("tspo", "trl")]
+    if not args.no_padded and "fp32" in precisions:
+        names.append("tspo-padded-fp32")
+    return names
+
+
+def interleaved(names: list[str], argv: list[str], workdir: Path, rounds: int) -> dict[str, Any]:
+    """Per variant: the wall and CPU seconds of every round, and its peak memory."""
+    workers = [Worker(name, argv, workdir) for name in names]
+    measured: dict[str, Any] = {name: {"wall": [], "cpu": []} for name in names}
+    try:
+        for round_ in range(rounds):
+            shift = round_ % len(workers)
+            for worker_ in workers[shift:] + workers[:shift]:
+                timing = worker_.send("run")
+                measured[worker_.variant]["wall"].append(timing["wall"])
+                measured[worker_.variant]["cpu"].append(timing["cpu"])
+        for worker_ in workers:
+            measured[worker_.variant]["memory"] = worker_.close()
+    finally:
+        for worker_ in workers:
+            if worker_.process.poll() is None:
+                worker_.process.kill()
+    return measured
+
+
+def paired(measured: dict[str, Any], fast: str, slow: str, clock: str) -> float:
+    """Median over rounds of ``slow``'s seconds over ``fast``'s in the same round."""
+    pairs = zip(measured[fast][clock], measured[slow][clock], strict=True)
+    return statistics.median(b / a for a, b in pairs)
+
+
+TARGET = 1.5
+COMPARISONS = [  # (faster, slower, what it measures, target or None)
+    ("tspo-fp32", "trl-fp32", "tspo vs TRL, both fp32 (like for like)", TARGET),
+    ("tspo-bf16", "trl-bf16", "tspo vs TRL, both bf16 autocast (like for like)", TARGET),
+    ("tspo-bf16", "trl-fp32", "tspo bf16 vs TRL fp32 (not like for like: precision differs)", None),
+    ("tspo-bf16", "tspo-fp32", "bf16 autocast vs fp32, tspo", None),
+    ("tspo-fp32", "tspo-padded-fp32", "packed path vs padded path (the lever), tspo fp32", None),
+]
 
 
 def markdown(report: dict[str, Any]) -> str:
-    shape, settings = report["shape"], report["settings"]
+    shape, settings, machine = report["shape"], report["settings"], report["machine"]
     lines = [
         "# Policy update: tspo vs TRL GRPOTrainer",
         "",
         f"Model `{settings['preset']}` ({shape['model_parameters'] / 1e6:.1f}M parameters, "
         f"vocabulary {shape['vocab_size']}), {shape['batch_trajectories']} trajectories "
-        f"({report['settings']['prompts']} prompts x group {report['settings']['group_size']}), "
+        f"({settings['prompts']} prompts x group {settings['group_size']}), "
         f"completions of {shape['completion_tokens_mean']:.0f} tokens on average "
-        f"(max {shape['completion_tokens_max']}), micro-batch {report['settings']['micro_batch']}, "
-        f"device {settings['device']}{' (bf16 autocast)' if settings['bf16'] else ''}, "
-        f"{report['machine']['cpu_count']} CPUs, {report['machine']['torch_threads']} torch "
-        f"threads{', ' + report['machine']['gpu'] if 'gpu' in report['machine'] else ''}, "
-        f"trl {report['trl_version']}. Median of {len(report['results']['tspo']['seconds'])} "
-        f"timed updates per side over {settings['rounds']} alternating rounds.",
+        f"(max {shape['completion_tokens_max']}"
+        f"{', lengths cut at random: --ragged' if settings['ragged'] else ''}), "
+        f"{shape['tokens_per_update']} tokens per update, "
+        f"micro-batch {settings['micro_batch']}, device {settings['device']}, "
+        f"{machine['cpu_count']} CPUs, {settings['threads'] or 'default'} torch thread(s)"
+        f"{', ' + machine['gpu'] if 'gpu' in machine else ''}, torch {machine.get('torch')}, "
+        f"trl {report['trl_version']}, transformers {report['transformers_version']}. "
+        f"{settings['rounds']} rounds; in each round every variant runs one update, one at a "
+        "time, each in its own long-lived worker process (peak memory is the worker's own).",
         "",
-        "| trainer | update tokens/s (median) | seconds per update (median) | peak memory MiB |",
-        "|---|---:|---:|---:|",
+        "| variant | tokens/s (wall, median) | s per update, wall (median) | "
+        "s per update, CPU (median) | peak RSS MiB | peak CUDA MiB |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
-    for side in ("tspo", "trl"):
-        row = report["results"][side]
-        memory = row.get("peak_cuda_mb", row["peak_rss_mb"])
+    for name, row in report["results"].items():
+        cuda = row["peak_cuda_mb"]
         lines.append(
-            f"| {side} | {row['tokens_per_s']:.0f} | {row['median_seconds']:.3f} | {memory:.0f} |"
+            f"| {name} | {row['tokens_per_s']:.0f} | {row['median_wall_s']:.3f} | "
+            f"{row['median_cpu_s']:.3f} | {row['peak_rss_mb']:.0f} | "
+            f"{'n/a' if cuda is None else f'{cuda:.0f}'} |"
         )
-    lines += ["", f"Speed-up of tspo over TRL: **{report['speedup']:.2f}x** (target >= 1.0x).", ""]
+    lines += [
+        "",
+        "Ratios: median over rounds of the slower variant's seconds over the faster one's in the "
+        "same round; wall clock, and the workers' CPU seconds (steadier when other jobs share "
+        "the cores).",
+        "",
+        "| comparison | ratio (wall) | ratio (CPU) | target |",
+        "|---|---:|---:|---|",
+    ]
+    for row in report["comparisons"]:
+        target = row["target"]
+        verdict = ""
+        if target is not None:
+            verdict = f">= {target}x: **{'met' if row['wall'] >= target else 'missed'}**"
+        lines.append(f"| {row['what']} | **{row['wall']:.2f}x** | {row['cpu']:.2f}x | {verdict} |")
+    lines += [
+        "",
+        f"1-minute load average: {report['load_average_1min'][0]:.1f} at the start, "
+        f"{report['load_average_1min'][1]:.1f} at the end.",
+        "",
+        f"Reproduce: `{report['command']}`.",
+        "",
+    ]
     return "\n".join(lines)
+
+
+def summarise(measured: dict[str, Any], tokens: int) -> dict[str, Any]:
+    results = {}
+    for name, row in measured.items():
+        wall = statistics.median(row["wall"])
+        results[name] = {
+            "wall_s": row["wall"],
+            "cpu_s": row["cpu"],
+            "median_wall_s": wall,
+            "median_cpu_s": statistics.median(row["cpu"]),
+            "tokens_per_s": tokens / wall,
+            **row["memory"],
+        }
+    return results
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -305,44 +461,45 @@ def main(argv: list[str] | None = None) -> None:
     if (args.prompts * args.group_size) % args.micro_batch:
         raise SystemExit("--micro-batch must divide prompts x group size")
     import torch
+    import transformers
     import trl
 
     from tspo.utils import machine_info, write_json
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    names = variants(args)
+    load_start = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="tspo-bench-update-") as tmp:
         workdir = Path(tmp)
         shape = prepare(args, workdir)
         batch = torch.load(workdir / "batch.pt", weights_only=True)
         tokens = int(batch["prompt_mask"].sum() + batch["completion_mask"].sum())
-        runs: dict[str, list[dict[str, Any]]] = {"tspo": [], "trl": []}
-        for _ in range(args.rounds):
-            for side in runs:
-                runs[side].append(run_side(side, argv, workdir))
-    results = {}
-    for side, measured in runs.items():
-        seconds = [s for run in measured for s in run["seconds"]]
-        median = statistics.median(seconds)
-        results[side] = {
-            "seconds": seconds,
-            "median_seconds": median,
-            "tokens_per_s": tokens / median,
-            **{
-                key: max(run[key] for run in measured)
-                for key in ("peak_rss_mb", "peak_cuda_mb")
-                if key in measured[0]
-            },
+        measured = interleaved(names, argv, workdir, args.rounds)
+    comparisons = [
+        {
+            "faster": fast,
+            "slower": slow,
+            "what": what,
+            "target": target,
+            "wall": paired(measured, fast, slow, "wall"),
+            "cpu": paired(measured, fast, slow, "cpu"),
         }
+        for fast, slow, what, target in COMPARISONS
+        if fast in measured and slow in measured
+    ]
     report = {
         "benchmark": "policy update (forward+backward+optimizer step over one step's batch)",
         "settings": {k: v for k, v in vars(args).items() if k not in {"out", "worker", "workdir"}},
-        "note": "seconds per update of every timed update; medians over all rounds",
+        "note": "seconds per update of every round; ratios are medians of per-round ratios",
         "shape": {**shape, "tokens_per_update": tokens},
         "trl_version": trl.__version__,
-        "results": results,
-        "speedup": results["trl"]["median_seconds"] / results["tspo"]["median_seconds"],
+        "transformers_version": transformers.__version__,
+        "results": summarise(measured, tokens),
+        "comparisons": comparisons,
         "machine": machine_info(),
+        "load_average_1min": [load_start, os.getloadavg()[0]],
+        "command": "python benchmarks/update.py " + " ".join(a for a in argv if a),
     }
     write_json(args.out, report)
     args.out.with_suffix(".md").write_text(markdown(report), encoding="utf-8")

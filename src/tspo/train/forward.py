@@ -11,37 +11,21 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from tspo.rollout.batch import TokenBatch
+
 
 @dataclass
-class UpdateBatch:
-    """Everything the policy update needs, row-aligned. Prompts left-padded, responses right-padded.
+class UpdateBatch(TokenBatch):
+    """Everything the policy update needs, row-aligned: a rollout's `TokenBatch` fields plus
+    ``advantages`` (B, T) and ``ref_logprobs`` (B, T), None when no reference model is used."""
 
-    Shapes: ``prompt_ids``/``prompt_mask`` (B, P); ``response_ids``, ``response_mask``,
-    ``loss_mask``, ``old_logprobs``, ``ref_logprobs`` and ``advantages`` (B, T).
-    ``ref_logprobs`` is None when no reference model is used.
-    """
-
-    prompt_ids: Tensor
-    prompt_mask: Tensor
-    response_ids: Tensor
-    response_mask: Tensor
-    loss_mask: Tensor
-    old_logprobs: Tensor
     advantages: Tensor
     ref_logprobs: Tensor | None = None
 
-    def __len__(self) -> int:
-        return self.prompt_ids.shape[0]
-
-    @property
-    def input_ids(self) -> Tensor:
-        """(B, P+T)."""
-        return torch.cat([self.prompt_ids, self.response_ids], dim=1)
-
-    @property
-    def attention_mask(self) -> Tensor:
-        """(B, P+T)."""
-        return torch.cat([self.prompt_mask, self.response_mask], dim=1)
+    @classmethod
+    def from_rollout(cls, rollout: TokenBatch, advantages: Tensor) -> UpdateBatch:
+        """The update batch of ``rollout`` (its tensors, not copies) with ``advantages``."""
+        return cls(**rollout.token_fields(), advantages=advantages)
 
     def _tensors(self) -> dict[str, Tensor]:
         return {
@@ -113,6 +97,100 @@ def response_logprobs(
     return logprobs, entropy
 
 
+def left_aligned(input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Each row's real tokens moved to the front, in order: (B, W) ids and, for every original
+    column, its column in the new layout ((B, P+T); padding columns land past the row's end).
+
+    W is the longest row's real length. With every row starting at column 0 and padding only at
+    the end, a plain causal mask is exact for the real tokens (padding comes after them, so no
+    real token attends to it) and position ids are just 0..W-1: the model needs no attention
+    mask, and SDPA runs its causal kernel, which skips the masked upper triangle.
+    """
+    order = torch.sort(attention_mask.long().eq(0).long(), dim=1, stable=True).indices
+    width = int(attention_mask.long().sum(dim=1).max())
+    ids = input_ids.gather(1, order)[:, :width]
+    where = torch.empty_like(order)
+    where.scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
+    return ids, where
+
+
+def packed_logprobs(
+    model: torch.nn.Module,
+    batch: UpdateBatch,
+    *,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+    entropy_grad: bool = False,
+) -> tuple[Tensor, Tensor | None]:
+    """`response_logprobs` of ``batch``'s responses, computed on left-aligned rows.
+
+    The same (B, T) float32 log-probs (and entropies) as ``response_logprobs(model,
+    batch.input_ids, batch.attention_mask, T)`` on real response tokens, up to float rounding
+    (tested in ``tests/test_train_update.py``); values on padding columns are meaningless. The
+    rows run through the model without padding in front and without an attention mask (see
+    `left_aligned`); the output layer runs only from the earliest position that predicts a
+    response token, and the normaliser is gathered at the target tokens.
+    """
+    width_t = batch.response_ids.shape[1]
+    if width_t == 0:
+        empty = batch.response_ids.new_zeros((len(batch), 0), dtype=torch.float32)
+        return empty, (empty if with_entropy else None)
+    ids, where = left_aligned(batch.input_ids, batch.attention_mask)
+    # Column (in the new layout) of the logits that predict each response token.
+    source = where[:, -width_t:] - 1
+    first = int(batch.prompt_mask.long().sum(dim=1).min()) - 1
+    first = max(first, 0)
+    keep = ids.shape[1] - first
+    output = model(input_ids=ids, logits_to_keep=keep, use_cache=False)
+    logits = output.logits.float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    index = (source - first).clamp_(0, keep - 1)  # padding columns point anywhere valid
+    normaliser = torch.logsumexp(logits, dim=-1)  # (B, keep)
+    targets = batch.response_ids
+    flat = logits.reshape(-1, logits.shape[-1])
+    rows = torch.arange(len(batch), device=ids.device)[:, None] * keep + index
+    picked = flat[rows.reshape(-1), targets.reshape(-1)].view_as(targets)
+    logprobs = picked - normaliser.gather(1, index)
+    entropy = None
+    if with_entropy:
+        src = logits if entropy_grad else logits.detach()
+        norm = normaliser if entropy_grad else normaliser.detach()
+        full = norm - (torch.softmax(src, dim=-1) * src).sum(dim=-1)
+        entropy = full.gather(1, index)
+    return logprobs, entropy
+
+
+def micro_logprobs(
+    model: torch.nn.Module,
+    micro: UpdateBatch,
+    *,
+    temperature: float,
+    with_entropy: bool = False,
+    entropy_grad: bool = False,
+    packed: bool = True,
+) -> tuple[Tensor, Tensor | None]:
+    """(B, T) log-probs (and entropies) of a trimmed micro-batch's responses, by the packed path
+    (`packed_logprobs`) or the padded reference (`response_logprobs`)."""
+    if packed:
+        return packed_logprobs(
+            model,
+            micro,
+            temperature=temperature,
+            with_entropy=with_entropy,
+            entropy_grad=entropy_grad,
+        )
+    return response_logprobs(
+        model,
+        micro.input_ids,
+        micro.attention_mask,
+        micro.response_ids.shape[1],
+        temperature=temperature,
+        with_entropy=with_entropy,
+        entropy_grad=entropy_grad,
+    )
+
+
 def micro_batches(rows: Tensor, size: int) -> Iterator[Tensor]:
     """Consecutive chunks of ``rows`` ((N,) long) of at most ``size``."""
     for start in range(0, len(rows), size):
@@ -150,6 +228,7 @@ def batch_logprobs(
     micro_batch_size: int,
     temperature: float,
     autocast: AbstractContextManager[Any] | None = None,
+    packed: bool = True,
 ) -> Tensor:
     """(B, T) log-probs of every response token, computed in trimmed micro-batches, 0 on padding."""
     width = batch.response_ids.shape[1]
@@ -160,9 +239,7 @@ def batch_logprobs(
         micro = batch.select(rows).trimmed()
         length = micro.response_ids.shape[1]
         with autocast or nullcontext():
-            logprobs, _ = response_logprobs(
-                model, micro.input_ids, micro.attention_mask, length, temperature=temperature
-            )
+            logprobs, _ = micro_logprobs(model, micro, temperature=temperature, packed=packed)
         padded = torch.zeros((len(rows), width), dtype=torch.float32, device=result.device)
         padded[:, :length] = logprobs * micro.response_mask[:, :length]
         result[rows.to(result.device)] = padded

@@ -12,7 +12,7 @@ import torch
 
 from tspo.algo import policy_loss
 from tspo.train.config import AlgoConfig
-from tspo.train.forward import UpdateBatch, micro_batches, response_logprobs
+from tspo.train.forward import UpdateBatch, micro_batches, micro_logprobs
 
 
 @dataclass
@@ -25,6 +25,10 @@ class UpdateSettings:
     max_grad_norm: float
     temperature: float
     algo: AlgoConfig
+    # Micro-batches of rows sorted by length, run left-aligned without an attention mask
+    # (`packed_logprobs`); False runs the padded reference path (`response_logprobs`) in the
+    # shuffled order, kept to measure and test the packed one against.
+    packed: bool = True
 
 
 @dataclass
@@ -79,12 +83,17 @@ def ppo_update(
     algo = settings.algo
     need_entropy_grad = algo.entropy_coef != 0
     normaliser = _loss_normaliser(batch, algo.agg)
+    lengths = batch.attention_mask.long().sum(dim=1).cpu()
     params = [p for p in model.parameters() if p.requires_grad]
     stats = UpdateStats()
     model.train()
     for _ in range(settings.ppo_epochs):
         order = torch.randperm(len(batch), generator=generator)
         for mini_rows in micro_batches(order, settings.mini_batch_size):
+            if settings.packed:
+                # Rows of similar length share micro-batches (less padding); the mini-batch's
+                # gradient is the same sum in another order.
+                mini_rows = mini_rows[lengths[mini_rows].argsort(stable=True)]
             mini_total = float(normaliser[mini_rows].sum())
             if mini_total == 0:
                 continue
@@ -95,14 +104,13 @@ def ppo_update(
                 if weight == 0:
                     continue
                 with autocast:
-                    logprobs, entropy = response_logprobs(
+                    logprobs, entropy = micro_logprobs(
                         model,
-                        micro.input_ids,
-                        micro.attention_mask,
-                        micro.response_ids.shape[1],
+                        micro,
                         temperature=settings.temperature,
                         with_entropy=True,
                         entropy_grad=need_entropy_grad,
+                        packed=settings.packed,
                     )
                 loss, metrics = policy_loss(
                     logprobs,
