@@ -45,12 +45,11 @@ class Trajectory:
 
 
 @dataclass
-class RolloutBatch:
-    """B rollouts as tensors. Prompts are left-padded, responses right-padded.
+class TokenBatch:
+    """The token tensors a rollout produces and the update consumes, row-aligned.
 
-    The engine returns the batch on the CPU. Shapes: ``prompt_ids``/``prompt_mask`` (B, P);
-    every ``response_*`` tensor, ``loss_mask``, ``turn_ids`` and ``old_logprobs`` (B, T);
-    ``outcome``/``first_hit_turn``/``group_ids`` (B,).
+    Prompts are left-padded, responses right-padded. `RolloutBatch` adds the rollout's scores;
+    ``tspo.train.forward.UpdateBatch`` adds advantages and reference log-probs.
     """
 
     prompt_ids: torch.Tensor  # (B, P) long
@@ -58,14 +57,9 @@ class RolloutBatch:
     response_ids: torch.Tensor  # (B, T) long: generated + observation/message tokens, contiguous
     response_mask: torch.Tensor  # (B, T) long, 1 = real (non-pad) token
     loss_mask: torch.Tensor  # (B, T) float, 1 = token the model generated
-    turn_ids: torch.Tensor  # (B, T) long, turn index of loss tokens, -1 elsewhere
     # (B, T) float: log_softmax(logits) of each generated token under the policy that sampled it,
     # at temperature 1 and without top-p whatever the sampling settings; 0 off the loss mask.
     old_logprobs: torch.Tensor
-    outcome: torch.Tensor  # (B,) float
-    first_hit_turn: torch.Tensor  # (B,) long
-    group_ids: torch.Tensor  # (B,) long
-    trajectories: list[Trajectory] = field(default_factory=list)
 
     def __len__(self) -> int:
         return self.prompt_ids.shape[0]
@@ -79,6 +73,25 @@ class RolloutBatch:
     def attention_mask(self) -> torch.Tensor:
         """(B, P+T) 1 on real tokens."""
         return torch.cat([self.prompt_mask, self.response_mask], dim=1)
+
+    def token_fields(self) -> dict[str, torch.Tensor]:
+        """The `TokenBatch` fields by name (to build another batch kind from this one)."""
+        return {f.name: getattr(self, f.name) for f in fields(TokenBatch)}
+
+
+@dataclass
+class RolloutBatch(TokenBatch):
+    """B scored rollouts as tensors (the engine returns them on the CPU).
+
+    Shapes: the `TokenBatch` fields, ``turn_ids`` (B, T); ``outcome``/``first_hit_turn``/
+    ``group_ids`` (B,).
+    """
+
+    turn_ids: torch.Tensor  # (B, T) long, turn index of loss tokens, -1 elsewhere
+    outcome: torch.Tensor  # (B,) float
+    first_hit_turn: torch.Tensor  # (B,) long
+    group_ids: torch.Tensor  # (B,) long
+    trajectories: list[Trajectory] = field(default_factory=list)
 
     def to(self, device: torch.device | str) -> RolloutBatch:
         moved = {

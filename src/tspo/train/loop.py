@@ -464,15 +464,7 @@ def run_step(run: _Run, step: int) -> tuple[dict[str, Any], list[dict[str, Any]]
     if per_turn and penalty:
         advantages = penalize_turns(advantages, rollout.turn_ids, invalid_turns(rollout), penalty)
     check_advantages(advantages, step, config.algo.estimator)
-    batch = UpdateBatch(
-        prompt_ids=rollout.prompt_ids,
-        prompt_mask=rollout.prompt_mask,
-        response_ids=rollout.response_ids,
-        response_mask=rollout.response_mask,
-        loss_mask=rollout.loss_mask,
-        old_logprobs=rollout.old_logprobs,
-        advantages=advantages.float(),
-    )
+    batch = UpdateBatch.from_rollout(rollout, advantages.float())
 
     # 3. Log-probs of the sampling policy (recomputed in a plain forward pass so the first ratio
     #    is exactly 1) and of the frozen reference for the KL term.
