@@ -16,7 +16,6 @@ from tspo.algo import (
     ESTIMATORS,
     TurnBatch,
     compute_advantages,
-    penalize_turns,
     register_estimator,
 )
 from tspo.errors import TSPOError
@@ -395,30 +394,3 @@ def test_public_contract_is_exported():
     }
     assert contract <= set(tspo.algo.__all__)
     assert all(callable(getattr(tspo.algo, name)) for name in contract - {"ESTIMATORS"})
-
-
-@PROPERTY_SETTINGS
-@given(trajs=trajectory_groups(), name=st.sampled_from(BUILT_IN), data=st.data())
-def test_turn_penalty_moves_only_the_penalised_turns_tokens(trajs, name, data):
-    batch = build_batch(trajs)
-    advantages = compute_advantages(name, **batch)
-    num_turns = max(len(t.tokens_per_turn) for t in trajs) + 1  # one more than any row uses
-    penalized = torch.tensor(
-        data.draw(
-            st.lists(
-                st.lists(st.booleans(), min_size=num_turns, max_size=num_turns),
-                min_size=len(trajs),
-                max_size=len(trajs),
-            )
-        )
-    )
-    out = penalize_turns(advantages, batch["turn_ids"], penalized, 0.5)
-    turn_ids = batch["turn_ids"]
-    expected_shift = torch.zeros_like(advantages)
-    for row in range(len(trajs)):
-        for col in range(turn_ids.shape[1]):
-            turn = int(turn_ids[row, col])
-            if turn >= 0 and bool(penalized[row, turn]):
-                expected_shift[row, col] = 0.5
-    assert torch.equal(out, advantages - expected_shift)
-    assert torch.all(out[turn_ids < 0] == 0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -127,6 +128,41 @@ def test_noisy_expert_is_only_partly_competent(small_world, small_retriever):
     assert 0.2 < em < 0.8
     again = run_expert(small_world, examples, small_retriever, noise=noise, seed=1)
     assert [e.generated for e in again] == [e.generated for e in episodes]
+
+
+def test_every_question_names_the_kind_of_its_answer():
+    """The goal the expert writes must be readable from the question alone."""
+    from tspo.data.expert import RELATION_KIND
+    from tspo.data.world import QUESTION_TEMPLATES
+
+    cue = {"person": "Who", "organisation": "organisation", "capital": "capital"}
+    cue |= {"country": "country", "city": "city"}
+    for templates in QUESTION_TEMPLATES.values():
+        for relations, template in templates:
+            question = template.format(subject="Xa Yb")
+            words = [cue[kind] for kind in cue if cue[kind] in question]
+            first = min(words, key=question.find)  # "the capital of the country ..." asks a capital
+            assert first == cue[RELATION_KIND[relations[-1]]], question
+
+
+def test_expert_states_its_goal_and_what_it_found(small_world, small_retriever):
+    from tspo.data.expert import RELATION_KIND
+
+    examples = qa_examples(small_world, "train")
+    plain = run_expert(small_world, examples, small_retriever)
+    stated = run_expert(small_world, examples, small_retriever, state_goal=True)
+    for with_goal, without in zip(stated, plain, strict=True):
+        goal = f"Goal: {RELATION_KIND[with_goal.example.metadata['relations'][-1]]}."
+        assert with_goal.final_answer == without.final_answer  # same searches, same reading
+        assert with_goal.observations == without.observations
+        assert with_goal.generated[0].startswith(f"<think> {goal} </think>\n<search>")
+        for text, old in zip(with_goal.generated[1:], without.generated[1:], strict=True):
+            assert text.startswith(f"<think> {goal} ")
+            stripped = re.sub(r" Found: [a-z]+\.", "", text.replace(f"{goal} ", ""))
+            assert stripped == old
+        last = with_goal.generated[-1]
+        if with_goal.final_answer in with_goal.example.golds:  # stops when found == goal
+            assert f"Found: {goal.removeprefix('Goal: ')}" in last
 
 
 def test_write_world_round_trips_through_the_real_readers(tmp_path):

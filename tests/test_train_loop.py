@@ -188,42 +188,6 @@ def test_format_penalty_lowers_the_reward_of_trajectories_with_an_invalid_turn()
     assert shaped_outcome(Batch, 0.5).tolist() == [1.0, 0.5, 0.0]
 
 
-def test_turn_scoped_format_penalty_charges_only_the_invalid_turn(
-    world: TinyWorld, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-):
-    from tspo.rollout.batch import Trajectory
-    from tspo.train.loop import invalid_turns
-
-    def trajectory(generated: list[str]) -> Trajectory:
-        return Trajectory("q", "q?", ["x"], "src", 0, generated=generated)
-
-    class Batch:
-        turn_ids = torch.tensor([[0, 0, -1, -1], [0, -1, 1, 1], [0, -1, 1, -1]])
-        trajectories = [
-            trajectory(["<answer> x </answer>"]),
-            trajectory(["<answer> x </search>", "<answer> x </answer>"]),
-            trajectory(["<search> q </search>", "<answer> y </search>"]),
-        ]
-
-    assert invalid_turns(Batch).tolist() == [[False, False], [True, False], [False, True]]
-
-    import tspo.train.loop as loop
-
-    calls = []
-    original = loop.penalize_turns
-
-    def recording_penalize(advantages, turn_ids, penalized, penalty):
-        calls.append(penalty)
-        return original(advantages, turn_ids, penalized, penalty)
-
-    monkeypatch.setattr(loop, "penalize_turns", recording_penalize)
-    for scope in ("trajectory", "turn"):
-        overrides = ("train.steps=1", "algo.invalid_penalty=0.5")
-        overrides += (f"algo.invalid_penalty_scope={scope}",)
-        train(tiny_config(world, tmp_path / scope, *overrides))
-    assert calls == [0.5]  # the turn-scoped run, once per step; the trajectory run never
-
-
 def test_bf16_auto_follows_the_hardware():
     from contextlib import nullcontext
 

@@ -9,7 +9,6 @@ from tspo.algo.advantages import (
     ESTIMATORS,
     TurnBatch,
     compute_advantages,
-    penalize_turns,
     register_estimator,
 )
 from tspo.algo.diagnostics import group_diagnostics
@@ -29,7 +28,6 @@ __all__ = [
     "group_diagnostics",
     "kl_penalty",
     "normalize_answer",
-    "penalize_turns",
     "policy_loss",
     "register_estimator",
 ]

@@ -269,26 +269,3 @@ def compute_advantages(
     padded = torch.cat([table.to(out_dtype), table.new_zeros(len(outcome), 1, dtype=out_dtype)], 1)
     token_turn = torch.where(turn_ids >= 0, turn_ids, num_turns)
     return padded.gather(1, token_turn)
-
-
-def penalize_turns(
-    advantages: Tensor, turn_ids: Tensor, penalized: Tensor, penalty: float
-) -> Tensor:
-    """Subtract ``penalty`` from the advantage of every token of a penalised turn.
-
-    A turn-level format penalty: only the turn that broke the protocol pays, so a trajectory that
-    recovers from one bad turn keeps the credit of its good ones.
-
-    Args:
-        advantages: (B, T) token advantages.
-        turn_ids: (B, T) long, turn index of each response token; -1 = not a loss token.
-        penalized: (B, K) bool, True where turn k of trajectory b is penalised.
-        penalty: subtracted once per penalised token (>= 0).
-
-    Returns:
-        (B, T) in ``advantages``' dtype; unchanged off the loss mask and on unpenalised turns.
-    """
-    num_turns = penalized.shape[1]
-    padded = torch.cat([penalized, penalized.new_zeros(len(penalized), 1)], dim=1)
-    token_turn = torch.where((turn_ids >= 0) & (turn_ids < num_turns), turn_ids, num_turns)
-    return advantages - penalty * padded.gather(1, token_turn).to(advantages.dtype)

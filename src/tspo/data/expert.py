@@ -69,11 +69,24 @@ class _Episode:
     current: str = ""  # the name whose document we need now
     pending_query: str = ""  # set before the episode's first search
     pending_think: str = ""
+    goal: str = ""  # the kind of thing the question asks for when the expert states it, else ""
     done: bool = False
 
+    def think(self, text: str) -> str:
+        return f"Goal: {self.goal}. {text}" if self.goal else text
 
-# Tag contents are written with a space on each side, as in the prompt's example answer: a name
-# then starts with the same token inside a tag as in running text, so copying it is one move.
+
+# What the object of each relation is, in the words a think line uses for it. ``capital`` stands
+# apart from ``city`` so that "the capital of the country where X was born" does not stop at the
+# city where X was born.
+RELATION_KIND = {
+    "born_in": "city",
+    "works_for": "organisation",
+    "founded_by": "person",
+    "headquartered_in": "city",
+    "located_in": "country",
+    "capital": "capital",
+}
 
 
 def search_turn(think: str, query: str) -> str:
@@ -119,11 +132,18 @@ def run_expert(
     seed: int = 0,
     topk: int = 3,
     max_turns: int = 4,
+    state_goal: bool = False,
 ) -> list[ExpertTrajectory]:
     """Play the expert on ``examples`` (world questions with ``metadata`` chains).
 
     Each round sends every unfinished episode's query to ``retriever`` in one call. An episode that
     has used ``max_turns`` searches answers with what it has.
+
+    With ``state_goal`` the expert keeps its goal in its notes: the first search gets the think line
+    ``Goal: country.`` (the kind of thing the question asks for, :data:`RELATION_KIND` of its last
+    relation), every later think line opens with it, and a fact read is followed by what it found
+    (``Gesto is ... Found: city.``). Whether to search again or answer is then a comparison of two
+    words of one line, instead of a question read hundreds of tokens earlier.
     """
     rng = random.Random(f"tspo-expert-{seed}")
     twin_of = {
@@ -135,6 +155,9 @@ def run_expert(
         episode = _Episode(ExpertTrajectory(example), chain, list(example.metadata["relations"]))
         episode.current = chain[0]
         episode.pending_query = _choose_query(chain[0], twin_of, noise, rng)
+        if state_goal:
+            episode.goal = RELATION_KIND[episode.relations[-1]]
+            episode.pending_think = f"Goal: {episode.goal}."
         episodes.append(episode)
 
     while active := [e for e in episodes if not e.done]:
@@ -165,13 +188,15 @@ def _advance(
     title, found = _read(hits, episode.current, relation)
     out_of_turns = traj.num_searches >= max_turns
     if title != episode.current and rng.random() < noise.recover and not out_of_turns:
-        episode.pending_think = f"This is {title}, not {episode.current}."
+        episode.pending_think = episode.think(f"This is {title}, not {episode.current}.")
         episode.pending_query = episode.current
         return
     if found is None:
-        _finish(episode, f"{title} has no such fact.", title or episode.current)
+        _finish(episode, episode.think(f"{title} has no such fact."), title or episode.current)
         return
-    think = RELATIONS[relation][2].format(subject=title, object=found)
+    fact = RELATIONS[relation][2].format(subject=title, object=found)
+    found_kind = f" Found: {RELATION_KIND[relation]}." if episode.goal else ""
+    think = episode.think(fact + found_kind)
     episode.hop += 1
     last_hop = episode.hop == len(episode.relations)
     if last_hop or out_of_turns or rng.random() < noise.early_answer:

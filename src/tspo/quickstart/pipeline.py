@@ -155,7 +155,12 @@ def expert_episodes(
     noise = ExpertNoise(
         early_answer=policy.early_answer, wrong_query=policy.wrong_query, recover=policy.recover
     )
-    options: dict[str, Any] = {"noise": noise, "topk": rollout_topk, "max_turns": max_turns}
+    options: dict[str, Any] = {
+        "noise": noise,
+        "topk": rollout_topk,
+        "max_turns": max_turns,
+        "state_goal": policy.state_goal,
+    }
     train = qa_examples(world, "train")
     own = []
     for run in range(policy.expert_passes):
@@ -311,7 +316,6 @@ def rl_train_config(
                 "kl_coef": rl.kl_coef,
                 "alpha": rl.alpha,
                 "invalid_penalty": rl.invalid_penalty,
-                "invalid_penalty_scope": rl.invalid_penalty_scope,
             },
             "optim": {"lr": rl.lr, "schedule": "constant"},
             "train": {

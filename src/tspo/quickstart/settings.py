@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 from tspo.train.sft import SFTConfig
 
@@ -28,6 +28,7 @@ class PolicyStage:
     early_answer: float = 0.10
     wrong_query: float = 0.15
     recover: float = 0.5
+    state_goal: bool = False  # the expert opens every think line with the question's goal word
     expert_passes: int = 1  # noisy expert episodes per training question
     practice_worlds: int = 3  # extra worlds whose questions only feed SFT (see pipeline)
     sft: SFTConfig = field(default_factory=lambda: SFTConfig(lr=1e-3))
@@ -49,9 +50,6 @@ class RLStage:
     # Format penalty on trajectories with an invalid turn: without it the tiny policy drifted into
     # mixed tags (<answer> X </search>) even at 5e-5 and lost 1-hop accuracy (docs/results.md).
     invalid_penalty: float = 0.5
-    # Charged to the invalid turn only: charged to the whole trajectory, it taught the policy to
-    # stop searching after one hop (longer episodes risk more invalid turns).
-    invalid_penalty_scope: Literal["trajectory", "turn"] = "turn"
     alpha: float = 0.5
     temperature: float = 1.0
     # Nucleus sampling keeps the search-or-answer choice open but drops the tail of misspelt

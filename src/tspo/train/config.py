@@ -159,14 +159,8 @@ class AlgoConfig(_Section):
     invalid_penalty: float = Field(
         0.0,
         ge=0,
-        description="Format penalty for invalid turns (0 = EM only, as in Search-R1); "
-        "where it applies is set by invalid_penalty_scope.",
-    )
-    invalid_penalty_scope: Literal["trajectory", "turn"] = Field(
-        "trajectory",
-        description="trajectory: subtracted from the outcome reward of every trajectory with an "
-        "invalid turn, before the advantages; turn: subtracted from the advantage of the "
-        "invalid turn's tokens only, so the trajectory's other turns keep their credit.",
+        description="Subtracted from the outcome reward of a trajectory with an invalid turn "
+        "(a format penalty; 0 = EM only, as in Search-R1).",
     )
     agg: Literal["token-mean", "seq-mean-token-mean"] = Field(
         "token-mean", description="How per-token losses become one number."

@@ -15,8 +15,7 @@ from typing import Any
 
 import torch
 
-from tspo.algo import compute_advantages, group_diagnostics, penalize_turns
-from tspo.protocol import parse_action
+from tspo.algo import compute_advantages, group_diagnostics
 from tspo.rollout.batch import RolloutBatch
 from tspo.train.checkpoint import (
     TrainerState,
@@ -420,19 +419,6 @@ def shaped_outcome(rollout: RolloutBatch, invalid_penalty: float) -> torch.Tenso
     return rollout.outcome - invalid_penalty * invalid
 
 
-def invalid_turns(rollout: RolloutBatch) -> torch.Tensor:
-    """(B, K) bool: turn k of trajectory b holds neither a complete search nor a complete answer.
-
-    K is the longest trajectory's number of turns; shorter rows are False past their end."""
-    flags = [
-        [parse_action(text).kind == "invalid" for text in t.generated] for t in rollout.trajectories
-    ]
-    table = torch.zeros(len(flags), max(map(len, flags), default=0), dtype=torch.bool)
-    for row, row_flags in enumerate(flags):
-        table[row, : len(row_flags)] = torch.tensor(row_flags, dtype=torch.bool)
-    return table.to(rollout.turn_ids.device)
-
-
 def run_step(run: _Run, step: int) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """One training step; returns its metrics and a few trajectories for inspection."""
     config, policy = run.config, run.policy
@@ -452,17 +438,14 @@ def run_step(run: _Run, step: int) -> tuple[dict[str, Any], list[dict[str, Any]]
 
     # 2. Advantages from the configured estimator (token level, 0 off the loss mask), on the EM
     #    outcome minus the optional format penalty.
-    penalty, per_turn = config.algo.invalid_penalty, config.algo.invalid_penalty_scope == "turn"
     advantages = compute_advantages(
         config.algo.estimator,
-        outcome=shaped_outcome(rollout, 0.0 if per_turn else penalty),
+        outcome=shaped_outcome(rollout, config.algo.invalid_penalty),
         first_hit_turn=rollout.first_hit_turn,
         turn_ids=rollout.turn_ids,
         group_ids=rollout.group_ids,
         **config.algo.advantage_options(),
     )
-    if per_turn and penalty:
-        advantages = penalize_turns(advantages, rollout.turn_ids, invalid_turns(rollout), penalty)
     check_advantages(advantages, step, config.algo.estimator)
     batch = UpdateBatch.from_rollout(rollout, advantages.float())
 
