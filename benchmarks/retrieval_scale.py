@@ -723,6 +723,14 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         f"Reproduce: `python benchmarks/retrieval_scale.py --sizes {report['sizes_arg']}`.",
     ]
+    if report.get("dense_run"):
+        load = report["dense_run"]["load_average_1m"]
+        lines += [
+            "",
+            f"The dense part came from a separate run (`--sizes '' --dense-scale 200000`; load "
+            f"average {load[0]:.1f} at its start, {load[1]:.1f} at its end), merged into this "
+            "report with `--from-json BM25.json DENSE.json`.",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -737,8 +745,10 @@ def plot(report: dict[str, Any], path: Path) -> None:
     extra = report["extrapolation_21m"]
     fig, axes = plt.subplots(2, 2, figsize=(11, 8))
     panels = [
-        (axes[0][0], "index build (s)", [("build", [s["build"]["seconds"] for s in sizes],
-                                          extra["build_s"])], TARGETS["build_s"]),
+        (axes[0][0], "index build (s)", [
+            ("wall", [s["build"]["seconds"] for s in sizes], extra["build_s"]),
+            ("CPU", [s["build"].get("cpu_s", float("nan")) for s in sizes], None),
+        ], TARGETS["build_s"]),
         (axes[0][1], "GB", [
             ("build peak RSS", [s["build"]["peak_rss_mb"] / 1024 for s in sizes],
              extra["build_peak_rss_gb"]),
@@ -751,11 +761,13 @@ def plot(report: dict[str, Any], path: Path) -> None:
             ("mmap", [s["load"]["mmap"]["load_s"] for s in sizes], None),
             ("read", [s["load"]["read"]["load_s"] for s in sizes], None),
         ], TARGETS["mmap_load_s"]),
-        (axes[1][1], "query latency over HTTP (ms)", [
-            ("p50, 1 client", [s["serve"]["levels"][0]["p50_ms"] for s in sizes],
+        (axes[1][1], "query latency (ms)", [
+            ("search in process p50", [s["load"]["read"]["in_process_p50_ms"] for s in sizes],
+             extra["in_process_p50_ms"]),
+            ("HTTP p50, 1 client", [s["serve"]["levels"][0]["p50_ms"] for s in sizes],
              extra["p50_1_client_ms"]),
-            ("p99, 1 client", [s["serve"]["levels"][0]["p99_ms"] for s in sizes], None),
-            ("p50, 32 clients", [s["serve"]["levels"][1]["p50_ms"] for s in sizes], None),
+            ("HTTP p99, 1 client", [s["serve"]["levels"][0]["p99_ms"] for s in sizes], None),
+            ("HTTP p50, 32 clients", [s["serve"]["levels"][1]["p50_ms"] for s in sizes], None),
         ], TARGETS["p50_1_client_ms"]),
     ]  # fmt: skip
     for ax, label, series, target in panels:
