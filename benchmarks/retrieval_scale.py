@@ -356,6 +356,7 @@ def extrapolate(sizes: list[dict[str, Any]], n: int = WIKIPEDIA_PASSAGES) -> dic
         "passages": n,
         "from_sizes": [s["name"] for s in sorted(sizes, key=lambda s: s["passages"])[-2:]],
         "build_s": at(lambda s: s["build"]["seconds"]),
+        "build_cpu_s": at(lambda s: s["build"].get("cpu_s", float("nan"))),
         "build_peak_rss_gb": at(lambda s: s["build"]["peak_rss_mb"] / 1024),
         "disk_gb": at(lambda s: s["disk"]["total_gb"]),
         "bm25_arrays_gb": at(lambda s: s["disk"]["bm25_arrays_gb"]),
@@ -645,7 +646,8 @@ def markdown(report: dict[str, Any]) -> str:
     lines += [
         "",
         f"Extrapolated to {x['passages']:,} passages (a line through "
-        f"{' and '.join(x['from_sizes'])}): build {x['build_s'] / 60:.0f} min at "
+        f"{' and '.join(x['from_sizes'])}): build {x['build_s'] / 60:.0f} min "
+        f"({x.get('build_cpu_s', float('nan')) / 60:.0f} min of CPU) at "
         f"{x['build_peak_rss_gb']:.1f} GB peak RSS, "
         f"{x['disk_gb']:.1f} GB on disk ({x['bm25_arrays_gb']:.1f} GB arrays, "
         f"{x['documents_gb']:.1f} GB documents), {x['read_load_rss_gb']:.1f} GB resident when read "
