@@ -606,7 +606,8 @@ def markdown(report: dict[str, Any]) -> str:
         "(other jobs shared the cores, so absolute times are pessimistic).",
         "",
         "| passages | build | build peak RSS | disk (arrays + docs) | load, mmap | load, "
-        "read (RSS) | search in process p50 / p99 | HTTP p50 / p99, 1 client | HTTP p50 / p99, "
+        "read (RSS) | search in process p50 / p99 (p50 right after a mapped load) | "
+        "HTTP p50 / p99, 1 client | HTTP p50 / p99, "
         "32 clients | q/s at 32 |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
@@ -615,19 +616,28 @@ def markdown(report: dict[str, Any]) -> str:
         b, d, lm, lr = s["build"], s["disk"], s["load"]["mmap"], s["load"]["read"]
         one, many = s["serve"]["levels"]
         lines.append(
-            f"| {s['passages']:,} | {b['seconds']:.1f} s ({b.get('cpu_s', nan):.0f} s CPU; "
+            f"| {s['passages']:,}{' (a)' if b.get('reused_from') else ''} | {b['seconds']:.1f} s "
+            f"({b.get('cpu_s', nan):.0f} s CPU; "
             f"load {b['load_average_1m'][1]:.1f}) | "
             f"{b['peak_rss_mb'] / 1024:.2f} GB | {d['total_gb']:.2f} GB ({d['bm25_arrays_gb']:.2f} "
             f"+ {d['documents_gb']:.2f}) | {lm['load_s']:.2f} s "
             f"({lm.get('load_cpu_s', nan):.2f} s CPU; load "
             f"{lm['load_average_1m'][1]:.1f}) | {lr['load_s']:.1f} s "
-            f"({lr['rss_after_load_mb'] / 1024:.2f} GB) | {lm['in_process_p50_ms']:.1f} / "
-            f"{lm['in_process_p99_ms']:.1f} ms | "
+            f"({lr['rss_after_load_mb'] / 1024:.2f} GB) | {lr['in_process_p50_ms']:.1f} / "
+            f"{lr['in_process_p99_ms']:.1f} ms ({lm['in_process_p50_ms']:.1f} ms) | "
             f"{one['p50_ms']:.1f} / {one['p99_ms']:.1f} ms (load "
             f"{one['load_average_1m'][1]:.1f}) | {many['p50_ms']:.1f} / {many['p99_ms']:.1f} ms | "
             f"{many['qps']:.0f} |"
         )
     lines.append("")
+    reused = [s for s in report["sizes"] if s["build"].get("reused_from")]
+    if reused:
+        lines += [
+            "(a) index and build figures from an earlier run of this script, finished "
+            + ", ".join(f"{s['name']} at {s['build']['finished']}" for s in reused)
+            + " (`--reuse-builds`); the loads and queries are this run's.",
+            "",
+        ]
     largest = max(report["sizes"], key=lambda s: s["passages"])
     lines += [
         f"Targets at {largest['passages']:,} passages (issue 11 sets them for 1,000,000):",
