@@ -123,13 +123,13 @@ def timed(fn, device: str):
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     result = fn()
     if device == "cuda":
         torch.cuda.synchronize()
-    seconds = time.perf_counter() - start
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     peak = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else None
-    return result, seconds, peak
+    return result, seconds, cpu, peak
 
 
 def run(args) -> dict:
@@ -193,12 +193,15 @@ def run(args) -> dict:
         "single_turn_generate": (single_turn, lambda out: (out.shape[1] - prompt.shape[1]) * rows),
     }
     # Interleaved repeats, so a change in the shared machine's load hits every method alike.
-    results = {name: {"seconds_each": [], "peak_cuda_mb": None} for name in methods}
+    results = {
+        name: {"seconds_each": [], "cpu_seconds_each": [], "peak_cuda_mb": None} for name in methods
+    }
     for _ in range(args.repeats):
         for name, (fn, count) in methods.items():
-            output, seconds, peak = timed(fn, args.device)
+            output, seconds, cpu, peak = timed(fn, args.device)
             entry = results[name]
             entry["seconds_each"].append(seconds)
+            entry["cpu_seconds_each"].append(cpu)
             entry["tokens"] = count(output)
             entry["peak_cuda_mb"] = peak
     for entry in results.values():
@@ -213,12 +216,12 @@ def run(args) -> dict:
 
     trajectories = batch.trajectories
 
-    def paired_ratio(other: str) -> float:
+    def paired_ratio(other: str, clock: str = "seconds_each") -> float:
         """Median over rounds of kv_reuse's throughput over ``other``'s in the same round."""
         kv, ref = results["kv_reuse"], results[other]
         return statistics.median(
             (kv["tokens"] / a) / (ref["tokens"] / b)
-            for a, b in zip(kv["seconds_each"], ref["seconds_each"], strict=True)
+            for a, b in zip(kv[clock], ref[clock], strict=True)
         )
 
     return {
@@ -244,6 +247,10 @@ def run(args) -> dict:
         "results": results,
         "speedup_vs_reencode": paired_ratio("reencode"),
         "ratio_vs_single_turn_generate": paired_ratio("single_turn_generate"),
+        "cpu_speedup_vs_reencode": paired_ratio("reencode", "cpu_seconds_each"),
+        "cpu_ratio_vs_single_turn_generate": paired_ratio(
+            "single_turn_generate", "cpu_seconds_each"
+        ),
         "targets": {
             "vs_reencode": TARGET_VS_REENCODE,
             "vs_single_turn_generate": TARGET_VS_GENERATE,
@@ -314,6 +321,9 @@ def markdown(report: dict, command: str) -> str:
         f"{'identical' if same else 'different'} tokens.",
         f"- KV reuse vs single-turn generate: **{vs_generate:.2f}x** (target >= "
         f"{TARGET_VS_GENERATE}x: **{'met' if vs_generate >= TARGET_VS_GENERATE else 'missed'}**).",
+        f"- The same ratios in CPU seconds of this process (steadier when other jobs share the "
+        f"cores): {report['cpu_speedup_vs_reencode']:.2f}x vs re-encode, "
+        f"{report['cpu_ratio_vs_single_turn_generate']:.2f}x vs single-turn generate.",
         "",
         f"Machine: {describe_machine(report['machine'])}; 1-minute load average at the end "
         f"{report['load_average_1min']:.1f}. Peak memory: "

@@ -68,3 +68,32 @@ def test_cached_decoding_equals_one_forward_pass() -> None:
         full = model(input_ids=ids).logits
     for step, got in enumerate(logits):
         torch.testing.assert_close(got, full[:, 4 + step], atol=1e-5, rtol=1e-5)
+
+
+def test_shared_kv_attention_equals_transformers_sdpa() -> None:
+    """Grouped-query heads shared by SDPA give transformers' SDPA logits, with a padding mask,
+    and the model is back on ``sdpa`` afterwards."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(1)
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        attn_implementation="sdpa",
+    )
+    model = LlamaForCausalLM(config).eval()
+    ids = torch.randint(1, 64, (3, 7))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0
+    with torch.no_grad():
+        expected = model(input_ids=ids, attention_mask=mask).logits
+        with hf_cache.shared_kv_attention(model):
+            assert model.config._attn_implementation == hf_cache.SHARED_KV_SDPA
+            got = model(input_ids=ids, attention_mask=mask).logits
+    assert model.config._attn_implementation == "sdpa"
+    real = mask.bool()
+    torch.testing.assert_close(got[real], expected[real], atol=1e-5, rtol=1e-5)

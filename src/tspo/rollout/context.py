@@ -18,7 +18,7 @@ from typing import cast
 import torch
 from transformers import DynamicCache
 
-from tspo.rollout.hf_cache import CACHE_KWARG, CacheLayer, cache_with_layers
+from tspo.rollout.hf_cache import CACHE_KWARG, CacheLayer, cache_with_layers, shared_kv_attention
 
 
 class BufferedLayer(CacheLayer):
@@ -171,14 +171,15 @@ class CachedContext:
         # the current position (their value is never attended to).
         position_ids = self.positions[:, None] + (new_mask.cumsum(dim=1) - new_mask).clamp_(min=0)
         self.mask = torch.cat([self.mask, new_mask], dim=1)
-        out = self.model(
-            input_ids=ids,
-            attention_mask=self.mask,
-            position_ids=position_ids,
-            use_cache=True,
-            **{CACHE_KWARG: self.cache},
-            logits_to_keep=1,
-        )
+        with shared_kv_attention(self.model):
+            out = self.model(
+                input_ids=ids,
+                attention_mask=self.mask,
+                position_ids=position_ids,
+                use_cache=True,
+                **{CACHE_KWARG: self.cache},
+                logits_to_keep=1,
+            )
         self.positions = self.positions + new_mask.sum(dim=1)
         return out.logits[:, -1, :]
 

@@ -2,23 +2,29 @@
 
 `CachedContext` keeps its keys and values in its own cache layers. transformers has no public API
 for that, so this adapter subclasses its internal ``transformers.cache_utils.DynamicLayer`` and
-swaps the layers of a ``DynamicCache``. What tspo relies on is listed in ``LAYER_CONTRACT`` and
-checked by `check_cache_api` the first time a cache is built: a transformers release that changes
-it fails there, with one error naming the versions this adapter was checked against, instead of
-deep inside a rollout. ``tests/test_rollout_hf_cache.py`` fails on any transformers version not in
-``CHECKED_TRANSFORMERS``: re-run the rollout tests on the new version, then add it.
+swaps the layers of a ``DynamicCache``; `shared_kv_attention` runs SDPA with grouped-query K/V
+heads shared instead of copied while a `CachedContext` calls the model. What tspo relies on is
+listed in ``LAYER_CONTRACT`` and checked by `check_cache_api` the first time a cache is built: a
+transformers release that changes it fails there, with one error naming the versions this adapter
+was checked against, instead of deep inside a rollout. ``tests/test_rollout_hf_cache.py`` fails
+on any transformers version not in ``CHECKED_TRANSFORMERS``: re-run the rollout tests on the new
+version, then add it.
 """
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from functools import cache
 from typing import TYPE_CHECKING
 
+import torch
 import transformers
-from transformers import DynamicCache, LlamaForCausalLM
+from transformers import AttentionInterface, DynamicCache, LlamaForCausalLM
 from transformers.cache_utils import DynamicLayer
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from tspo.errors import TSPOError
 
@@ -90,3 +96,77 @@ def cache_with_layers(
         raise TSPOError(f"{len(layers)} cache layers for a model of {len(built.layers)}")
     built.layers[:] = layers
     return built
+
+
+SHARED_KV_SDPA = "tspo_sdpa_shared_kv"
+
+
+def _sdpa_shared_kv(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    is_causal: bool | None = None,
+    **kwargs: object,
+) -> tuple[torch.Tensor, None]:
+    """transformers' SDPA attention, except that grouped-query K/V heads are shared by SDPA's
+    ``enable_gqa`` instead of copied for every query head (transformers copies them whenever
+    there is a mask, on CPU: a copy of the whole cache per layer and decoding step)."""
+    plain = query.shape[1] == key.shape[1] or any(
+        kwargs.get(name) is not None for name in ("softcap", "position_bias", "sinks", "s_aux")
+    )
+    if plain:
+        return sdpa_attention_forward(
+            module,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout,
+            scaling,
+            is_causal,
+            **kwargs,  # type: ignore[arg-type]  # transformers passes mixed-type keyword options through
+        )
+    if attention_mask is not None:
+        attention_mask = attention_mask[:, :, :, : key.shape[-2]]
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    causal = bool(causal) and attention_mask is None and query.shape[2] > 1
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query,
+        key,
+        value,
+        attn_mask=attention_mask,
+        dropout_p=dropout,
+        scale=scaling,
+        is_causal=causal,
+        enable_gqa=True,
+    )
+    return out.transpose(1, 2).contiguous(), None
+
+
+@cache
+def _register_shared_kv() -> None:
+    AttentionInterface.register(SHARED_KV_SDPA, _sdpa_shared_kv)
+    AttentionMaskInterface.register(SHARED_KV_SDPA, sdpa_mask)
+
+
+@contextmanager
+def shared_kv_attention(model: torch.nn.Module) -> Iterator[None]:
+    """Run ``model``'s SDPA attention with shared K/V heads (`_sdpa_shared_kv`) inside the block.
+
+    The same sums as transformers' SDPA up to float rounding; models on any other attention
+    implementation are left alone.
+    """
+    config = getattr(model, "config", None)
+    if config is None or getattr(config, "_attn_implementation", None) != "sdpa":
+        yield
+        return
+    _register_shared_kv()
+    config._attn_implementation = SHARED_KV_SDPA
+    try:
+        yield
+    finally:
+        config._attn_implementation = "sdpa"
