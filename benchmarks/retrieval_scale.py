@@ -655,6 +655,9 @@ def markdown(report: dict[str, Any]) -> str:
     m = x["machines"]
     lines += [
         "",
+        "With one size the line goes through zero: measure 100k and 1M for a real curve. "
+        if len(x["from_sizes"]) == 1
+        else "",
         f"Extrapolated to {x['passages']:,} passages (a line through "
         f"{' and '.join(x['from_sizes'])}): build {x['build_s'] / 60:.0f} min "
         f"({x.get('build_cpu_s', float('nan')) / 60:.0f} min of CPU) at "
