@@ -83,7 +83,7 @@ echo "== 2/3 rollout benchmark on CUDA (bf16)"
 
 echo "== 3/3 policy-update benchmark against TRL on CUDA (bf16)"
 if "$PYTHON" -c "import trl" 2>/dev/null; then
-    "$PYTHON" benchmarks/update.py --device cuda --bf16 --preset qwen2.5-0.5b-shape \
+    "$PYTHON" benchmarks/update.py --device cuda --precisions bf16 --preset qwen2.5-0.5b-shape \
         --prompts 8 --group-size 5 --completion-tokens 256 --micro-batch 8 --out "$OUT/update.json"
 else
     echo "trl is not installed: skipped (pip install 'trl==1.16.0')"
