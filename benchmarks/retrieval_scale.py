@@ -834,7 +834,7 @@ def main() -> None:
     parser.add_argument(
         "--dense-scale",
         type=int,
-        default=500_000,
+        default=200_000,
         help="Vectors for the full-read vs memory-mapped faiss comparison (0: skip).",
     )
     parser.add_argument("--probe", type=Path, help=argparse.SUPPRESS)
