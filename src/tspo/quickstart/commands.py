@@ -60,6 +60,13 @@ def quickstart(
         str, typer.Option("--base", help="Base model folder or alias that SFT starts from.")
     ] = PolicyStage.base,
     threads: ThreadsOption = None,
+    last: Annotated[
+        bool,
+        typer.Option(
+            "--last",
+            help="Evaluate the last RL step instead of the checkpoint with the best dev EM.",
+        ),
+    ] = False,
 ) -> None:
     """Train a small search agent end to end on CPU and write a report.
 
@@ -72,7 +79,7 @@ def quickstart(
     from tspo.quickstart.settings import QuickstartSettings
 
     settings = QuickstartSettings()
-    rl = replace(settings.rl, estimator=estimator, seed=seed)
+    rl = replace(settings.rl, estimator=estimator, seed=seed, keep_best_dev=not last)
     if steps is not None:
         rl = replace(rl, steps=steps)
     settings = replace(

@@ -296,7 +296,7 @@ def rl_train_config(
     from tspo.data.world import split_file
     from tspo.train.config import config_from_dict
 
-    every = rl.checkpoint_every or rl.steps
+    every = rl.checkpoint_every or (rl.eval_every if rl.eval_every else rl.steps)
     return config_from_dict(
         {
             "model": {"name": str(paths.sft), "device": "cpu"},
@@ -425,3 +425,26 @@ def start_run(out: str | Path, threads: int | None, *, fresh: bool) -> RunPaths:
         shutil.rmtree(paths.root)
     paths.root.mkdir(parents=True, exist_ok=True)
     return paths
+
+
+def best_dev_checkpoint(rl_dir: Path, last_checkpoint: Path) -> tuple[Path, int | None]:
+    """The RL checkpoint with the best greedy dev EM in ``rl_dir/validation.jsonl``, and its step.
+
+    Only steps after the start count (step 0 is the SFT policy); ties go to the later step. Falls
+    back to ``last_checkpoint`` (step None) when no evaluated step has a checkpoint.
+    """
+    from tspo.quickstart.report import read_jsonl
+    from tspo.train.checkpoint import checkpoint_name
+
+    validation = rl_dir / "validation.jsonl"
+    scored = read_jsonl(validation) if validation.is_file() else []
+    candidates = [
+        (float(row["em"]), int(row["step"]))
+        for row in scored
+        if int(row["step"]) > 0
+        and (rl_dir / "checkpoints" / checkpoint_name(int(row["step"]))).is_dir()
+    ]
+    if not candidates:
+        return last_checkpoint, None
+    _, step = max(candidates)
+    return rl_dir / "checkpoints" / checkpoint_name(step), step

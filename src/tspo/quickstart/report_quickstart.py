@@ -92,9 +92,10 @@ def write_quickstart_report(
         "",
         f"A {policy['parameters'] / 1e6:.1f}M-parameter policy was trained to search a synthetic "
         f"world of {facts['documents']} made-up entities. It started from SFT on a noisy scripted "
-        f"expert, then trained {len(metrics)} RL steps with the `{rl.estimator}` estimator. Both "
-        f"policies were evaluated greedily on the **test split: {int(before['overall']['count'])} "
-        "questions about entities that no training question asks about.**",
+        f"expert, then trained {len(metrics)} RL steps with the `{rl.estimator}` estimator. "
+        f"{_final_policy_sentence(facts.get('final_step'), len(metrics))} Both policies were "
+        f"evaluated greedily on the **test split: {int(before['overall']['count'])} questions "
+        "about entities that no training question asks about.**",
         "",
         f"**Test EM: {em_before:.3f} (SFT start) -> {em_after:.3f} (after RL), "
         f"{em_after - em_before:+.3f} absolute.**",
@@ -125,6 +126,16 @@ def write_quickstart_report(
     ]
     atomic_write_text(paths.report, "\n".join(lines))
     return paths.report
+
+
+def _final_policy_sentence(final_step: int | None, steps: int) -> str:
+    """Which RL checkpoint the "after" columns are."""
+    if final_step is None or final_step == steps:
+        return "The final policy is the last step's."
+    return (
+        f"The final policy is step {final_step}'s, the checkpoint with the best greedy dev EM "
+        "(the test split played no part in choosing it)."
+    )
 
 
 def _curve_lines(

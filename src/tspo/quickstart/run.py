@@ -11,6 +11,7 @@ from rich.console import Console
 
 from tspo.quickstart.pipeline import (
     RunPaths,
+    best_dev_checkpoint,
     ensure_index,
     ensure_policy,
     ensure_transfer_world,
@@ -126,6 +127,14 @@ def run_quickstart(
     final_dir = result.last_checkpoint
     assert final_dir is not None, "the last RL step always writes a checkpoint"
     console.print(f"  {result.final_step} RL steps ({settings.rl.estimator}) -> {final_dir}")
+    final_step = result.final_step
+    if settings.rl.keep_best_dev:
+        final_dir, best_step = best_dev_checkpoint(paths.rl, Path(final_dir))
+        if best_step is not None:
+            final_step = best_step
+            console.print(
+                f"  final policy: step {best_step}, the best greedy dev EM -> {final_dir}"
+            )
 
     t = stage(4)
     examples = held_out_examples(paths.world, settings.eval.max_examples)
@@ -163,6 +172,7 @@ def run_quickstart(
         "memory": peak_memory_mb(),
         "world": {split: len(qs) for split, qs in world.questions.items()},
         "documents": len(world.documents),
+        "final_step": final_step,
     }
     report = write_quickstart_report(
         paths,
