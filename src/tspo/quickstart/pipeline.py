@@ -9,17 +9,27 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 
 from tspo.data.qa import QAExample
 from tspo.errors import TSPOError
-from tspo.quickstart.settings import PolicyStage, QuickstartSettings, RLStage, fingerprint
+from tspo.quickstart.settings import (
+    RL_STAGE_OWN_FIELDS,
+    PolicyStage,
+    QuickstartSettings,
+    RLStage,
+    fingerprint,
+)
 from tspo.retrieval.base import Retriever
 from tspo.utils import write_json
+
+if TYPE_CHECKING:
+    from tspo.rollout.config import RolloutConfig
+    from tspo.train.config import TrainConfig
 
 STAGE_FILE = "stage.json"
 PRACTICE_SEED_BASE = 1_000_000  # practice worlds' seeds start here, far from user seeds
@@ -289,63 +299,47 @@ def ensure_policy(
     return info
 
 
+def rl_trainer_settings(rl: RLStage) -> dict[str, dict[str, object]]:
+    """The ``TrainConfig`` sections ``rl`` sets: each field but the quickstart's own, by name."""
+    from tspo.train.config import sections_of
+
+    fields = asdict(rl)
+    return sections_of({k: v for k, v in fields.items() if k not in RL_STAGE_OWN_FIELDS})
+
+
 def rl_train_config(
     paths: RunPaths, rl: RLStage, *, output_dir: Path, show_progress: bool = True
-) -> Any:
+) -> TrainConfig:
     """The ``TrainConfig`` of the RL stage: SFT policy, world train split, the BM25 index."""
     from tspo.data.world import split_file
     from tspo.train.config import config_from_dict
 
     every = rl.checkpoint_every or (rl.eval_every if rl.eval_every else rl.steps)
-    return config_from_dict(
-        {
-            "model": {"name": str(paths.sft), "device": "cpu"},
-            "data": {"train_files": [str(paths.world / split_file("train"))]},
-            "retriever": {"index": str(paths.index)},
-            "rollout": {
-                "group_size": rl.group_size,
-                "max_turns": rl.max_turns,
-                "max_turn_tokens": rl.max_turn_tokens,
-                "max_obs_tokens": rl.max_obs_tokens,
-                "topk": rl.topk,
-                "temperature": rl.temperature,
-                "top_p": rl.top_p,
-            },
-            "algo": {
-                "estimator": rl.estimator,
-                "kl_coef": rl.kl_coef,
-                "alpha": rl.alpha,
-                "invalid_penalty": rl.invalid_penalty,
-            },
-            "optim": {"lr": rl.lr, "schedule": "constant"},
-            "train": {
-                "steps": rl.steps,
-                "prompts_per_step": rl.prompts_per_step,
-                "micro_batch_size": rl.micro_batch_size,
-                "seed": rl.seed,
-                "output_dir": str(output_dir),
-            },
-            "checkpoint": {"every": every, "keep_last": rl.steps // every + 1},
-            "logging": {"progress": show_progress, "samples_per_step": 2},
-            "eval": {
-                "files": [str(paths.world / split_file("dev"))],
-                "every": rl.eval_every,
-                "max_examples": rl.eval_examples,
-            },
+    raw: dict[str, dict[str, object]] = {
+        "model": {"name": str(paths.sft), "device": "cpu"},
+        "data": {"train_files": [str(paths.world / split_file("train"))]},
+        "retriever": {"index": str(paths.index)},
+        "optim": {"schedule": "constant"},
+        "train": {"output_dir": str(output_dir)},
+        "checkpoint": {"every": every, "keep_last": rl.steps // every + 1},
+        "logging": {"progress": show_progress, "samples_per_step": 2},
+        "eval": {
+            "files": [str(paths.world / split_file("dev"))],
+            "every": rl.eval_every,
+            "max_examples": rl.eval_examples,
         },
-        source="quickstart RL config",
-    )
+    }
+    for section, values in rl_trainer_settings(rl).items():
+        raw.setdefault(section, {}).update(values)
+    return config_from_dict(raw, source="quickstart RL config")
 
 
-def eval_rollout_config(rl: RLStage) -> Any:
-    from tspo.rollout import RolloutConfig
+def eval_rollout_config(rl: RLStage) -> RolloutConfig:
+    """The rollout of the quickstart's greedy evaluations: the RL stage's turn limits and top-k."""
+    from tspo.train.config import EVAL_ROLLOUT_FIELDS, RolloutSection
 
-    return RolloutConfig(
-        max_turns=rl.max_turns,
-        max_turn_tokens=rl.max_turn_tokens,
-        max_obs_tokens=rl.max_obs_tokens,
-        topk=rl.topk,
-    )
+    section = RolloutSection.model_validate(rl_trainer_settings(rl)["rollout"])
+    return section.to_rollout_config(EVAL_ROLLOUT_FIELDS)
 
 
 def held_out_examples(world_dir: Path, max_examples: int | None) -> list[QAExample]:

@@ -38,9 +38,16 @@ class PolicyStage:
     seed: int = 0
 
 
+# RLStage's fields that are the quickstart's own; every other one is the TrainConfig field of that
+# name (tspo.quickstart.pipeline.rl_train_config). tests/test_settings_agree.py says which of
+# their defaults are the trainer's and which the quickstart's own choice.
+RL_STAGE_OWN_FIELDS = ("checkpoint_every", "eval_every", "keep_best_dev", "eval_examples")
+
+
 @dataclass(frozen=True)
 class RLStage:
-    """The RL run (fields of ``tspo.train.config.TrainConfig``)."""
+    """The RL run: fields of ``tspo.train.config.TrainConfig`` by name, and the quickstart's own
+    (``RL_STAGE_OWN_FIELDS``)."""
 
     estimator: str = "tspo"
     steps: int = 30

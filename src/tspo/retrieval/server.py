@@ -24,7 +24,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -52,12 +52,7 @@ class ServerLimits:
     max_pending: int = 256
 
     def as_dict(self) -> dict[str, int]:
-        return {
-            "max_queries": self.max_queries,
-            "max_query_chars": self.max_query_chars,
-            "max_body_bytes": self.max_body_bytes,
-            "max_pending": self.max_pending,
-        }
+        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -517,10 +512,10 @@ def create_app(
     *,
     default_topk: int = 3,
     token: str | None = None,
-    max_queries: int = 256,
-    max_query_chars: int = 4096,
-    max_body_bytes: int = 1 << 20,
-    max_pending: int = 256,
+    max_queries: int = ServerLimits.max_queries,
+    max_query_chars: int = ServerLimits.max_query_chars,
+    max_body_bytes: int = ServerLimits.max_body_bytes,
+    max_pending: int = ServerLimits.max_pending,
     batch_wait_ms: float = 0.0,
     max_batch_queries: int = 512,
 ) -> FastAPI:

@@ -1,7 +1,8 @@
 """`RolloutConfig`: every knob of a multi-turn rollout (the protocol: docs/algorithm.md §1).
 
-The trainer's ``rollout`` and ``algo`` config sections carry the same defaults; a test
-(tests/test_settings_agree.py) fails when the copies drift."""
+The trainer's ``rollout`` and ``algo`` config sections carry the same defaults (the config must
+validate without torch); ``RolloutSection.to_rollout_config`` builds a ``RolloutConfig`` from them
+by field name, and a test (tests/test_settings_agree.py) fails when the copies drift."""
 
 from __future__ import annotations
 

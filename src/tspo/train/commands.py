@@ -16,6 +16,7 @@ from rich.console import Console
 from tspo.cli_apps import OverwriteOption, ThreadsOption, app
 from tspo.errors import TSPOError
 from tspo.quickstart.settings import PolicyStage
+from tspo.train.sft import SFTConfig
 
 console = Console(stderr=True)
 
@@ -237,25 +238,18 @@ def _eval_rollout_config(model: str, **flags: object):
     """RolloutConfig: flags, else the checkpoint's training config, else the defaults."""
     from tspo.rollout import RolloutConfig
 
-    settings: dict[str, object] = {}
+    given = {name: value for name, value in flags.items() if value is not None}
     saved = Path(model) / "config.yaml"
     if saved.is_file():
-        from tspo.train.config import load_config
+        from tspo.train.config import EVAL_ROLLOUT_FIELDS, load_config
 
         try:
             section = load_config(saved).rollout
         except TSPOError:
             section = None  # a model's own config.yaml that is not a tspo config
         if section is not None:
-            settings = {
-                "max_turns": section.max_turns,
-                "max_turn_tokens": section.max_turn_tokens,
-                "max_obs_tokens": section.max_obs_tokens,
-                "topk": section.topk,
-                "use_chat_template": section.use_chat_template,
-            }
-    settings.update({name: value for name, value in flags.items() if value is not None})
-    return RolloutConfig(**settings)  # type: ignore[arg-type]
+            return section.to_rollout_config(EVAL_ROLLOUT_FIELDS, **given)
+    return RolloutConfig(**given)  # type: ignore[arg-type]
 
 
 WIKI_SFT_BASE = "smollm2-135m-instruct"
@@ -292,7 +286,9 @@ def sft(
         Path | None,
         typer.Option("--index", help="BM25 index of the corpus; built in memory when omitted."),
     ] = None,
-    epochs: Annotated[int, typer.Option("--epochs", help="Passes over the expert episodes.")] = 1,
+    epochs: Annotated[
+        int, typer.Option("--epochs", help="Passes over the expert episodes.")
+    ] = SFTConfig.epochs,
     lr: Annotated[
         float | None,
         typer.Option(
@@ -306,7 +302,7 @@ def sft(
     ] = WIKI_SFT_EPISODES,
     batch_size: Annotated[
         int, typer.Option("--batch-size", help="--data: episodes per step.")
-    ] = 16,
+    ] = SFTConfig.batch_size,
     topk: Annotated[
         int,
         typer.Option(
@@ -319,7 +315,7 @@ def sft(
             "--max-obs-tokens",
             help="--data: tokens per <information> block (match rollout.max_obs_tokens).",
         ),
-    ] = 500,
+    ] = SFTConfig.max_obs_tokens,
     chat_template: Annotated[
         bool | None,
         typer.Option(
@@ -350,7 +346,7 @@ def sft(
     wrong_query: Annotated[
         float,
         typer.Option("--wrong-query", help="How often the expert searches a near-duplicate name."),
-    ] = 0.15,
+    ] = PolicyStage.wrong_query,
     practice_worlds: Annotated[
         int,
         typer.Option("--practice-worlds", help="Extra worlds whose questions add SFT episodes."),
@@ -364,7 +360,9 @@ def sft(
             f"--world, {WIKI_SFT_BASE} with --data).",
         ),
     ] = None,
-    seed: Annotated[int, typer.Option("--seed", help="Seed for the expert and SFT.")] = 0,
+    seed: Annotated[
+        int, typer.Option("--seed", help="Seed for the expert and SFT.")
+    ] = PolicyStage.seed,
     overwrite: OverwriteOption = False,
 ) -> None:
     """Warm-start a search policy: SFT on scripted-expert episodes played through the real

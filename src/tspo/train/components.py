@@ -6,12 +6,15 @@ import copy
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tspo.data.qa import QAExample
 from tspo.errors import TSPOError
 from tspo.retrieval.base import Retriever
 from tspo.train.config import DataConfig, ModelConfig, RetrieverConfig, RolloutSection
+
+if TYPE_CHECKING:
+    from tspo.rollout.config import RolloutConfig
 
 
 def load_examples(config: DataConfig) -> list[QAExample]:
@@ -43,22 +46,11 @@ def retriever_from_config(config: RetrieverConfig) -> Retriever:
     )
 
 
-def rollout_config(section: RolloutSection, *, detect_in: str, min_answer_chars: int) -> Any:
+def rollout_config(
+    section: RolloutSection, *, detect_in: str, min_answer_chars: int
+) -> RolloutConfig:
     """The rollout engine's ``RolloutConfig`` from the config's ``rollout`` and FOLR fields."""
-    from tspo.rollout import RolloutConfig
-
-    return RolloutConfig(
-        max_turns=section.max_turns,
-        max_turn_tokens=section.max_turn_tokens,
-        max_obs_tokens=section.max_obs_tokens,
-        topk=section.topk,
-        temperature=section.temperature,
-        top_p=section.top_p,
-        use_chat_template=section.use_chat_template,
-        kv_cache=section.kv_cache,
-        detect_in=detect_in,
-        min_answer_chars=min_answer_chars,
-    )
+    return section.to_rollout_config(detect_in=detect_in, min_answer_chars=min_answer_chars)
 
 
 @dataclass

@@ -18,16 +18,21 @@ resolve against the file's folder; paths given as overrides resolve against the 
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import os
 import sys
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from tspo.errors import TSPOError
+
+if TYPE_CHECKING:
+    from tspo.rollout.config import RolloutConfig
 
 BUILTIN_ESTIMATORS = ("grpo", "folr_scalar", "tspo", "tspo_switch")
 
@@ -119,6 +124,17 @@ class RetrieverConfig(_Section):
         return self
 
 
+# What a greedy evaluation takes from a training run's rollout section: turn limits, top-k and the
+# chat template, never the sampling settings (`tspo eval` of a checkpoint, the quickstart's evals).
+EVAL_ROLLOUT_FIELDS = (
+    "max_turns",
+    "max_turn_tokens",
+    "max_obs_tokens",
+    "topk",
+    "use_chat_template",
+)
+
+
 class RolloutSection(_Section):
     """Multi-turn sampling (the protocol: docs/algorithm.md §1)."""
 
@@ -133,6 +149,20 @@ class RolloutSection(_Section):
         False, description="Wrap the prompt in the tokenizer's chat template (instruct models)."
     )
     kv_cache: bool = Field(True, description="Reuse the KV cache across turns (else re-encode).")
+
+    def to_rollout_config(
+        self, fields: Iterable[str] | None = None, **extra: object
+    ) -> RolloutConfig:
+        """The rollout engine's ``RolloutConfig``: every field of it that this section has (all
+        but ``group_size``; only ``fields`` when given, e.g. ``EVAL_ROLLOUT_FIELDS``), plus
+        ``extra``, fields it lacks or overrides (FOLR's ``detect_in`` and ``min_answer_chars``,
+        from the ``algo`` section); the rest keep their defaults."""
+        from tspo.rollout.config import RolloutConfig
+
+        names = {field.name for field in dataclasses.fields(RolloutConfig)}
+        settings = self.model_dump(include=names if fields is None else names & set(fields))
+        settings.update(extra)
+        return RolloutConfig(**settings)
 
 
 class AlgoConfig(_Section):
@@ -345,6 +375,28 @@ def check_estimator(name: str) -> str:
     raise ValueError(
         f"unknown estimator {name!r}; known: {', '.join(known)}{did_you_mean(name, known)}"
     )
+
+
+def sections_of(settings: Mapping[str, object]) -> dict[str, dict[str, object]]:
+    """Flat ``{field: value}`` -> ``{section: {field: value}}``, each field placed in the one
+    section of ``TrainConfig`` that has a field of that name (``lr`` -> ``optim``).
+
+    Raises ValueError for a name that no section, or more than one, has (``every``).
+    """
+    tree: dict[str, dict[str, object]] = {}
+    for name, value in settings.items():
+        owners = [
+            section
+            for section, field in TrainConfig.model_fields.items()
+            if isinstance(field.annotation, type)
+            and issubclass(field.annotation, BaseModel)
+            and name in field.annotation.model_fields
+        ]
+        if len(owners) != 1:
+            found = ", ".join(owners) or "none"
+            raise ValueError(f"{name!r} must name a field of exactly one section (found: {found})")
+        tree.setdefault(owners[0], {})[name] = value
+    return tree
 
 
 def did_you_mean(name: str, choices: list[str] | tuple[str, ...]) -> str:
