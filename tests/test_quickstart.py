@@ -176,20 +176,30 @@ def test_sft_cuts_observations_to_the_rollout_budget(tmp_path, monkeypatch):
 def test_final_policy_is_the_rl_checkpoint_with_the_best_dev_em(tmp_path):
     from tspo.quickstart.pipeline import best_dev_checkpoint
     from tspo.quickstart.report_quickstart import _final_policy_sentence
-    from tspo.train.checkpoint import checkpoint_name
+    from tspo.train.checkpoint import STATE_FILE, TRAINER_STATE_FILE, checkpoint_name
 
-    rl_dir, last = tmp_path / "rl", tmp_path / "rl/checkpoints" / checkpoint_name(30)
-    assert best_dev_checkpoint(rl_dir, last) == (last, None)  # nothing evaluated
-    rows = [(0, 0.9), (10, 0.5), (20, 0.6), (30, 0.6)]  # step 0 is the SFT start: never chosen
-    rl_dir.mkdir()
-    (rl_dir / "validation.jsonl").write_text(
-        "".join(json.dumps({"step": step, "em": em}) + "\n" for step, em in rows)
-    )
-    for step in (10, 20):
-        (rl_dir / "checkpoints" / checkpoint_name(step)).mkdir(parents=True)
-    assert best_dev_checkpoint(rl_dir, last) == (rl_dir / "checkpoints" / checkpoint_name(20), 20)
-    last.mkdir()
-    assert best_dev_checkpoint(rl_dir, last) == (last, 30)  # ties go to the later step
+    def save(step: int) -> None:
+        folder = tmp_path / checkpoint_name(step)
+        folder.mkdir()
+        for name in (STATE_FILE, TRAINER_STATE_FILE):
+            (folder / name).write_text("")
+
+    rows = [
+        {"step": step, "em": em} for step, em in ((0, 0.9), (10, 0.5), (20, 0.6), (30, 0.6))
+    ]  # step 0 is the SFT start: never chosen
+    assert best_dev_checkpoint([], tmp_path) is None  # nothing evaluated
+    save(10)
+    save(20)
+    (tmp_path / checkpoint_name(30)).mkdir()  # a save that never finished does not count
+    assert best_dev_checkpoint(rows, tmp_path) == (tmp_path / checkpoint_name(20), 20)
+    save(40)
+    assert best_dev_checkpoint(rows, tmp_path) == (tmp_path / checkpoint_name(20), 20)
+    (tmp_path / checkpoint_name(30)).rmdir()
+    save(30)
+    assert best_dev_checkpoint(rows, tmp_path) == (
+        tmp_path / checkpoint_name(30),
+        30,
+    )  # ties: later
     assert "step 20's" in _final_policy_sentence(20, 30)
     assert _final_policy_sentence(30, 30) == "The final policy is the last step's."
 

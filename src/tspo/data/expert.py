@@ -72,8 +72,9 @@ class _Episode:
     goal: str = ""  # the kind of thing the question asks for when the expert states it, else ""
     done: bool = False
 
-    def think(self, text: str) -> str:
-        return f"Goal: {self.goal}. {text}" if self.goal else text
+    def think(self, text: str = "") -> str:
+        """``text`` as a think line: after ``Goal: <goal>.`` when the expert states its goal."""
+        return f"Goal: {self.goal}. {text}".rstrip() if self.goal else text
 
 
 # What the object of each relation is, in the words a think line uses for it. ``capital`` stands
@@ -157,7 +158,7 @@ def run_expert(
         episode.pending_query = _choose_query(chain[0], twin_of, noise, rng)
         if state_goal:
             episode.goal = RELATION_KIND[episode.relations[-1]]
-            episode.pending_think = f"Goal: {episode.goal}."
+            episode.pending_think = episode.think()
         episodes.append(episode)
 
     while active := [e for e in episodes if not e.done]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -421,24 +422,24 @@ def start_run(out: str | Path, threads: int | None, *, fresh: bool) -> RunPaths:
     return paths
 
 
-def best_dev_checkpoint(rl_dir: Path, last_checkpoint: Path) -> tuple[Path, int | None]:
-    """The RL checkpoint with the best greedy dev EM in ``rl_dir/validation.jsonl``, and its step.
+def best_dev_checkpoint(
+    validation: Sequence[Mapping[str, Any]], checkpoints: Path
+) -> tuple[Path, int] | None:
+    """The complete checkpoint under ``checkpoints`` with the best greedy dev EM among the
+    ``validation`` rows (the trainer's ``validation.jsonl``), and its step.
 
-    Only steps after the start count (step 0 is the SFT policy); ties go to the later step. Falls
-    back to ``last_checkpoint`` (step None) when no evaluated step has a checkpoint.
+    Only steps after the start count (step 0 is the SFT policy); ties go to the later step. None
+    when no evaluated step has a complete checkpoint.
     """
-    from tspo.quickstart.report import read_jsonl
-    from tspo.train.checkpoint import checkpoint_name
+    from tspo.train.checkpoint import checkpoint_name, list_checkpoints
 
-    validation = rl_dir / "validation.jsonl"
-    scored = read_jsonl(validation) if validation.is_file() else []
+    saved = {folder.name: folder for folder in list_checkpoints(checkpoints)}
     candidates = [
         (float(row["em"]), int(row["step"]))
-        for row in scored
-        if int(row["step"]) > 0
-        and (rl_dir / "checkpoints" / checkpoint_name(int(row["step"]))).is_dir()
+        for row in validation
+        if int(row["step"]) > 0 and checkpoint_name(int(row["step"])) in saved
     ]
     if not candidates:
-        return last_checkpoint, None
+        return None
     _, step = max(candidates)
-    return rl_dir / "checkpoints" / checkpoint_name(step), step
+    return saved[checkpoint_name(step)], step

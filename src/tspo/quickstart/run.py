@@ -25,14 +25,33 @@ from tspo.quickstart.settings import QuickstartSettings
 from tspo.utils import machine_info, peak_memory_mb, write_json
 
 if TYPE_CHECKING:
+    from tspo.data.qa import QAExample
     from tspo.evaluation import EvalResult
+    from tspo.retrieval.base import Retriever
 
 STAGES = ("world", "index", "SFT", "RL", "evaluation", "report")
 
 
+def _evaluate_start_and_final(
+    folders: dict[str, Path],
+    retriever: Retriever,
+    examples: list[QAExample],
+    settings: QuickstartSettings,
+    out: Path,
+    show_progress: bool,
+) -> dict[str, EvalResult]:
+    """Greedy evaluation of each of ``folders`` (name -> policy) into ``out/<name>``."""
+    return {
+        name: evaluate_folder(
+            folder, retriever, examples, settings, out / name, show_progress=show_progress
+        )
+        for name, folder in folders.items()
+    }
+
+
 def _transfer_scores(
     paths: RunPaths,
-    final_dir: Path,
+    folders: dict[str, Path],
     settings: QuickstartSettings,
     console: Console,
     show_progress: bool,
@@ -40,17 +59,16 @@ def _transfer_scores(
     """EM/F1 of the SFT start and the final policy on another world (``settings.eval.transfer``)."""
     other = ensure_transfer_world(paths, settings, Console(quiet=True))
     other_examples = held_out_examples(paths.transfer / "world", settings.eval.max_examples)
-    transfer: dict[str, Any] = {}
-    for name, folder in (("sft", paths.sft), ("final", final_dir)):
-        transfer[name] = evaluate_folder(
-            Path(folder),
-            other,
-            other_examples,
-            settings,
-            paths.evals / f"transfer-{name}",
-            show_progress=show_progress,
-        ).overall
+    results = _evaluate_start_and_final(
+        {f"transfer-{name}": folder for name, folder in folders.items()},
+        other,
+        other_examples,
+        settings,
+        paths.evals,
+        show_progress,
+    )
     other.close()
+    transfer = {name: results[f"transfer-{name}"].overall for name in folders}
     console.print(
         f"  another world (seed {settings.world.seed + 1}): test EM "
         f"{transfer['sft']['em']:.3f} (SFT) -> {transfer['final']['em']:.3f} (after RL)"
@@ -124,34 +142,28 @@ def run_quickstart(
         shutil.rmtree(paths.rl)
     result = train(config)
     seconds["rl"] = time.perf_counter() - t
-    final_dir = result.last_checkpoint
-    assert final_dir is not None, "the last RL step always writes a checkpoint"
-    console.print(f"  {result.final_step} RL steps ({settings.rl.estimator}) -> {final_dir}")
-    final_step = result.final_step
-    if settings.rl.keep_best_dev:
-        final_dir, best_step = best_dev_checkpoint(paths.rl, Path(final_dir))
-        if best_step is not None:
-            final_step = best_step
-            console.print(
-                f"  final policy: step {best_step}, the best greedy dev EM -> {final_dir}"
-            )
+    last_checkpoint = result.last_checkpoint
+    assert last_checkpoint is not None, "the last RL step always writes a checkpoint"
+    console.print(f"  {result.final_step} RL steps ({settings.rl.estimator}) -> {last_checkpoint}")
+    validation_file = paths.rl / "validation.jsonl"
+    validation = read_jsonl(validation_file) if validation_file.is_file() else []
+    final_dir, final_step = Path(last_checkpoint), result.final_step
+    best = best_dev_checkpoint(validation, final_dir.parent) if settings.rl.keep_best_dev else None
+    if best is not None:
+        final_dir, final_step = best
+        console.print(f"  final policy: step {final_step}, the best greedy dev EM -> {final_dir}")
 
     t = stage(4)
     examples = held_out_examples(paths.world, settings.eval.max_examples)
-    evals = {}
-    for name, folder in (("sft", paths.sft), ("final", final_dir)):
-        evals[name] = evaluate_folder(
-            Path(folder),
-            retriever,
-            examples,
-            settings,
-            paths.evals / name,
-            show_progress=show_progress,
-        )
-        console.print(f"  {name}: test EM {evals[name].overall['em']:.3f}")
+    folders = {"sft": paths.sft, "final": final_dir}
+    evals = _evaluate_start_and_final(
+        folders, retriever, examples, settings, paths.evals, show_progress
+    )
+    for name, evaluated in evals.items():
+        console.print(f"  {name}: test EM {evaluated.overall['em']:.3f}")
     retriever.close()
     transfer = (
-        _transfer_scores(paths, Path(final_dir), settings, console, show_progress)
+        _transfer_scores(paths, folders, settings, console, show_progress)
         if settings.eval.transfer
         else {}
     )
@@ -161,8 +173,6 @@ def run_quickstart(
     from tspo.quickstart.report_quickstart import write_quickstart_report
 
     metrics = read_jsonl(paths.rl / "metrics.jsonl")
-    validation_file = paths.rl / "validation.jsonl"
-    validation = read_jsonl(validation_file) if validation_file.is_file() else []
     seconds["total"] = time.perf_counter() - started
     facts: dict[str, Any] = {
         "settings": settings,
