@@ -6,10 +6,14 @@ process (so its peak RSS is its own) with validation off, from the SFT start (``
 default ``runs/smollm2-wiki/sft``). ``log-probs`` is the step minus rollout and update: the
 recomputed old log-probs, the frozen reference's log-probs and the advantages.
 
-    python benchmarks/smollm2_step.py [--model DIR] [--settings bf16,fp32] [--threads 2]
+    python benchmarks/smollm2_step.py [--model DIR] [--settings bf16,fp32] [--threads 2] \
+        [--set model.ref_dtype=model ...]
 
-Prints one JSON line per setting and a Markdown table; the machine's load average is recorded
-with each run (the CPU may be shared).
+``--set FIELD=VALUE`` (repeatable) adds config overrides to every setting, e.g.
+``model.ref_dtype=model`` for the float32 reference copy that was the only choice before
+``model.ref_dtype`` (default ``auto``: bf16 linear weights under bf16 autocast). Prints one JSON
+line per setting and a Markdown table; the machine's load average is recorded with each run (the
+CPU may be shared).
 """
 
 from __future__ import annotations
@@ -27,13 +31,15 @@ ROOT = Path(__file__).resolve().parents[1]
 PRESET = ROOT / "configs" / "smollm2-wiki.yaml"
 
 
-def run_step(model: str, bf16: bool, threads: int, out: Path) -> dict[str, object]:
+def run_step(
+    model: str, bf16: bool, threads: int, out: Path, overrides: list[str]
+) -> dict[str, object]:
     command = [
         sys.executable, "-m", "tspo.cli", "train", "--config", str(PRESET), "--threads",
         str(threads), f"model.name={model}", f"train.output_dir={out}", "train.steps=1",
         f"train.bf16={'true' if bf16 else 'false'}", "eval.every=0", "logging.progress=false",
         f"data.train_files=[{ROOT / 'data/wiki/train.jsonl'}]",
-        f"retriever.corpus={ROOT / 'data/wiki/corpus.jsonl'}",
+        f"retriever.corpus={ROOT / 'data/wiki/corpus.jsonl'}", *overrides,
     ]  # fmt: skip
     load_before = os.getloadavg()[0]
     started = time.perf_counter()
@@ -44,7 +50,7 @@ def run_step(model: str, bf16: bool, threads: int, out: Path) -> dict[str, objec
         metrics[k] for k in ("rollout_seconds", "update_seconds", "step_seconds")
     )
     return {
-        "setting": "bf16 autocast" if bf16 else "fp32",
+        "setting": ("bf16 autocast" if bf16 else "fp32") + "".join(f", {o}" for o in overrides),
         "step_s": round(step, 1),
         "rollout_s": round(rollout, 1),
         "logprobs_s": round(step - rollout - update, 1),
@@ -63,11 +69,13 @@ def main() -> None:
     parser.add_argument("--model", default=str(ROOT / "runs/smollm2-wiki/sft"))
     parser.add_argument("--settings", default="bf16,fp32")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE")
     args = parser.parse_args()
     rows = []
     for name in args.settings.split(","):
         with tempfile.TemporaryDirectory() as tmp:
-            row = run_step(args.model, name.strip() == "bf16", args.threads, Path(tmp) / "run")
+            bf16 = name.strip() == "bf16"
+            row = run_step(args.model, bf16, args.threads, Path(tmp) / "run", args.set)
         print(json.dumps(row), flush=True)
         rows.append(row)
     print("| setting | step s | rollout s | log-probs s | update s | peak RSS GB | load |")

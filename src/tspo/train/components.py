@@ -14,6 +14,8 @@ from tspo.retrieval.base import Retriever
 from tspo.train.config import DataConfig, ModelConfig, RetrieverConfig, RolloutSection
 
 if TYPE_CHECKING:
+    import torch
+
     from tspo.rollout.config import RolloutConfig
 
 
@@ -77,11 +79,17 @@ class Policy:
 
 
 def build_policy(
-    config: ModelConfig, *, kl_coef: float, weights_from: str | Path | None = None
+    config: ModelConfig,
+    *,
+    kl_coef: float,
+    weights_from: str | Path | None = None,
+    bf16: bool | str = False,
 ) -> Policy:
     """Load the policy (from ``weights_from``, a checkpoint, when resuming) and its reference.
 
-    The reference always comes from ``config.name``, the model training started from.
+    The reference always comes from ``config.name``, the model training started from. ``bf16``
+    is ``train.bf16``: with autocast on, ``config.ref_dtype: auto`` stores the reference's linear
+    weights in bf16 (see :func:`reference_dtype`).
     """
     from tspo.models.loading import load_policy
 
@@ -101,7 +109,12 @@ def build_policy(
     if config.lora.enabled:
         model = _with_lora(model, config, weights_from)
     elif kl_coef > 0:
-        reference = _frozen_reference(model if weights_from is None else None, config, device)
+        reference = _frozen_reference(
+            model if weights_from is None else None,
+            config,
+            device,
+            reference_dtype(config, device, bf16),
+        )
 
     if config.gradient_checkpointing:
         _enable_activation_checkpointing(model)
@@ -119,14 +132,74 @@ def _enable_activation_checkpointing(model: Any) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
 
 
-def _frozen_reference(start_model: Any | None, config: ModelConfig, device: Any) -> Any:
-    """A frozen copy of the starting weights (reloaded from ``config.name`` when resuming)."""
+def reference_dtype(config: ModelConfig, device: Any, bf16: bool | str) -> torch.dtype | None:
+    """The dtype of the frozen reference's linear weights, or None to keep ``model.dtype``
+    (``ref_dtype: model``).
+
+    ``ref_dtype: auto`` is bf16 exactly when the run's forward passes use bf16 autocast
+    (``train.bf16`` on this device): autocast casts every linear weight to bf16 before its matmul
+    anyway, so a reference stored that way gives the same log-probs in half the memory.
+    ``bfloat16`` without autocast is refused (fp32 activations cannot meet bf16 weights).
+    """
+    import torch
+
+    from tspo.train.forward import autocast_context
+
+    autocast = isinstance(autocast_context(torch.device(device), bf16), torch.autocast)
+    if config.ref_dtype == "model":
+        return None
+    if config.ref_dtype == "bfloat16" and not autocast:
+        raise TSPOError(
+            "config field 'model.ref_dtype': bfloat16 needs bf16 autocast (train.bf16), "
+            f"which is off on {device}; use auto or model"
+        )
+    return torch.bfloat16 if autocast else None
+
+
+def autocast_weights(model: Any) -> list[Any]:
+    """The weights bf16 autocast casts before use: those of ``torch.nn.Linear`` layers, except
+    any shared with another kind of module (a tied input embedding looks its rows up uncast)."""
+    import torch
+
+    linear = {
+        id(module.weight): module.weight
+        for module in model.modules()
+        if isinstance(module, torch.nn.Linear) and module.weight.is_floating_point()
+    }
+    shared = {
+        id(param)
+        for module in model.modules()
+        if not isinstance(module, torch.nn.Linear)
+        for param in module.parameters(recurse=False)
+    }
+    return [weight for key, weight in linear.items() if key not in shared]
+
+
+def _frozen_reference(
+    start_model: Any | None, config: ModelConfig, device: Any, dtype: torch.dtype | None
+) -> Any:
+    """A frozen copy of the starting weights (reloaded from ``config.name`` when resuming), its
+    :func:`autocast_weights` stored in ``dtype`` (None: as loaded).
+
+    The copy never holds a second full-precision version of the cast weights: the deep copy
+    takes their cast versions directly.
+    """
+    import torch
+
     if start_model is not None:
-        reference = copy.deepcopy(start_model)
+        memo: dict[int, Any] = {}
+        if dtype is not None:
+            for weight in autocast_weights(start_model):
+                cast = weight.detach().to(dtype)
+                memo[id(weight)] = torch.nn.Parameter(cast, requires_grad=False)
+        reference = copy.deepcopy(start_model, memo)
     else:
         from tspo.models.loading import load_policy
 
         reference, _ = load_policy(config.name, config.dtype, str(device))
+        if dtype is not None:
+            for weight in autocast_weights(reference):
+                weight.data = weight.data.to(dtype)
     reference.eval()
     reference.requires_grad_(False)
     return reference

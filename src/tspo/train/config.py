@@ -76,6 +76,13 @@ class ModelConfig(_Section):
     gradient_checkpointing: bool = Field(
         False, description="Recompute activations in the backward pass to save memory."
     )
+    ref_dtype: Literal["auto", "model", "bfloat16"] = Field(
+        "auto",
+        description="Weights of the frozen KL reference copy (full fine-tuning): bfloat16 "
+        "stores its linear layers' weights in bf16, as bf16 autocast casts them anyway (needs "
+        "autocast; same log-probs, less memory); model = model.dtype; auto = bfloat16 when "
+        "train.bf16 autocast is on, else model.",
+    )
     lora: LoraConfig = Field(default_factory=LoraConfig)
 
     @field_validator("device")

@@ -372,7 +372,12 @@ def _build_run(config: TrainConfig, resume_from: Path | None) -> tuple[_Run, int
 
     seed = config.train.seed
     retriever = retriever_from_config(config.retriever)  # first: a dead server fails in seconds
-    policy = build_policy(config.model, kl_coef=config.algo.kl_coef, weights_from=resume_from)
+    policy = build_policy(
+        config.model,
+        kl_coef=config.algo.kl_coef,
+        weights_from=resume_from,
+        bf16=config.train.bf16,  # the reference's weights follow autocast (model.ref_dtype)
+    )
     optimizer = build_optimizer(policy.model, config.optim)
     engine = RolloutEngine(
         policy.model,
