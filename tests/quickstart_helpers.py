@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from contextlib import contextmanager
+from dataclasses import replace
 
 from tspo.quickstart.settings import EvalStage, PolicyStage, QuickstartSettings, RLStage, WorldStage
-from tspo.train.sft import SFTConfig
 
 
 def mini_settings(**rl_overrides) -> QuickstartSettings:
@@ -27,7 +27,7 @@ def mini_settings(**rl_overrides) -> QuickstartSettings:
         policy=PolicyStage(
             expert_passes=1,
             practice_worlds=0,
-            sft=SFTConfig(epochs=1, batch_size=32, max_obs_tokens=48),
+            sft=replace(PolicyStage().sft, epochs=1, batch_size=32, max_obs_tokens=48),
         ),
         rl=RLStage(**rl),
         eval=EvalStage(max_examples=4, batch_size=4),

@@ -173,6 +173,38 @@ def test_sft_cuts_observations_to_the_rollout_budget(tmp_path, monkeypatch):
     assert budgets and set(budgets) == {37}
 
 
+def test_sft_starts_from_distinct_tag_embeddings_and_weights_the_tags(tmp_path, monkeypatch):
+    """The shipped base never saw the protocol tags and holds them as one vector; with it the
+    policy closed `<search>` with `</answer>` on most later hops. The quickstart's SFT gives them
+    distinct embeddings and up-weights the tags' tokens in the loss."""
+    import torch
+
+    import tspo.train.sft
+    from tspo.protocol import PROTOCOL_TAGS
+
+    seen = {}
+
+    def recording_train(model, examples, config, **kwargs):
+        tokenizer = tspo.models.loading.load_policy("tspo-tiny-base", device="cpu")[1]
+        ids = torch.tensor(tspo.train.sft.single_token_ids(tokenizer, PROTOCOL_TAGS))
+        tags = model.get_input_embeddings().weight[ids].detach()
+        unit = tags / tags.norm(dim=-1, keepdim=True)
+        seen["cosine"] = (unit @ unit.T)[~torch.eye(len(ids), dtype=torch.bool)].max().item()
+        seen["weights"] = {w for example in examples for w in example.loss_mask}
+        return [1.0]
+
+    monkeypatch.setattr(tspo.train.sft, "train_sft", recording_train)
+    settings = mini_settings()
+    paths = RunPaths(tmp_path)
+    console = Console(quiet=True)
+    world = ensure_world(paths, settings, console)
+    retriever = ensure_index(paths, settings, console)
+    ensure_policy(paths, world, retriever, settings, console)
+    assert seen["cosine"] < 0.9
+    weight = QuickstartSettings().policy.sft.action_tag_weight
+    assert weight > 1 and seen["weights"] == {0.0, 1.0, weight}
+
+
 def test_final_policy_is_the_rl_checkpoint_with_the_best_dev_em(tmp_path):
     from tspo.quickstart.pipeline import best_dev_checkpoint
     from tspo.quickstart.report_quickstart import _final_policy_sentence

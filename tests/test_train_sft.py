@@ -12,7 +12,9 @@ from tspo.models.tiny import build_tiny_model, train_tokenizer
 from tspo.protocol import INFO_CLOSE, INFO_OPEN, PROMPT_TEMPLATE
 from tspo.retrieval.bm25 import BM25Retriever
 from tspo.train.sft import (
+    ACTION_TAGS,
     SFTConfig,
+    action_tag_weights,
     collate,
     encode_episode,
     masked_lm_loss,
@@ -75,6 +77,59 @@ def test_encoded_episode_masks_everything_but_generated_turns(tokenizer, episode
     for observation in episode.observations:
         if observation is not None:
             assert observation in masked_out
+
+
+@pytest.mark.parametrize("tags_are_tokens", [True, False])
+def test_action_tags_carry_the_action_tag_weight(world, episodes, tags_are_tokens):
+    """Every token of an action tag, and no other, gets the weight; the ids do not change, also
+    when a tag spans several tokens, as in real LMs."""
+    texts = [*iter_world_text(world), *[t for e in episodes for t in e.generated]]
+    tokenizer = train_tokenizer(texts, vocab_size=600, protocol_tags=tags_are_tokens)
+    episode = next(e for e in episodes if e.num_searches >= 2)
+    plain = encode_episode(
+        tokenizer, episode.example.question, episode.generated, episode.observations
+    )
+    weighted = encode_episode(
+        tokenizer,
+        episode.example.question,
+        episode.generated,
+        episode.observations,
+        action_tag_weight=5.0,
+    )
+    assert weighted.input_ids == plain.input_ids
+    assert set(plain.loss_mask) == {0.0, 1.0}
+    heavy = [i for i, w in enumerate(weighted.loss_mask) if w == 5.0]
+    assert [i for i, w in enumerate(weighted.loss_mask) if w == 0.0] == [
+        i for i, w in enumerate(plain.loss_mask) if w == 0.0
+    ]
+    heavy_text = "".join(tokenizer.decode([weighted.input_ids[i]]) for i in heavy)
+    tags = [tag for turn in episode.generated for tag in ACTION_TAGS if tag in turn]
+    assert heavy_text.replace(" ", "") != ""
+    for tag in tags:
+        assert tag in heavy_text
+    assert sum(len(tag) for tag in tags) <= len(heavy_text.replace(" ", ""))
+    # Off the tags the weight stays 1: the think line and the query are plain tokens.
+    turn = episode.generated[0]
+    ids, weights = action_tag_weights(tokenizer, turn, 5.0)
+    untagged = "".join(tokenizer.decode([i]) for i, w in zip(ids, weights, strict=True) if w == 1)
+    assert untagged.strip() and not any(tag in untagged for tag in ACTION_TAGS)
+
+
+def test_up_weighted_tags_weigh_more_in_the_loss(tokenizer, episodes):
+    episode = episodes[0]
+    args = (tokenizer, episode.example.question, episode.generated, episode.observations)
+    plain, weighted = encode_episode(*args), encode_episode(*args, action_tag_weight=10.0)
+    torch.manual_seed(0)
+    logits = torch.randn(1, len(plain.input_ids), len(tokenizer))
+    tag_ids = {tokenizer.convert_tokens_to_ids(tag) for tag in ACTION_TAGS}
+    ids = torch.tensor([plain.input_ids])
+    # A model that is sure of every tag: up-weighting the tags lowers the mean loss.
+    for position in range(1, ids.shape[1]):
+        if int(ids[0, position]) in tag_ids:
+            logits[0, position - 1, ids[0, position]] = 50.0
+    plain_loss = masked_lm_loss(logits, ids, torch.tensor([plain.loss_mask]))
+    weighted_loss = masked_lm_loss(logits, ids, torch.tensor([weighted.loss_mask]))
+    assert weighted_loss < plain_loss * 0.9
 
 
 def test_masked_loss_ignores_observation_and_prompt_targets(tokenizer, episodes):

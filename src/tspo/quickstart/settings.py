@@ -34,7 +34,14 @@ class PolicyStage:
     state_goal: bool = True
     expert_passes: int = 1  # noisy expert episodes per training question
     practice_worlds: int = 9  # extra worlds whose questions only feed SFT (see pipeline)
-    sft: SFTConfig = field(default_factory=lambda: SFTConfig(lr=1e-3))
+    # The base never saw the protocol tags and holds them as one vector: SFT gives them distinct
+    # embeddings and weighs their tokens 5x, or the policy closes `<search>` with `</answer>` on
+    # most later hops (docs/results.md).
+    sft: SFTConfig = field(
+        default_factory=lambda: SFTConfig(
+            lr=1e-3, resample_tag_embeddings=True, action_tag_weight=5.0
+        )
+    )
     seed: int = 0
 
 

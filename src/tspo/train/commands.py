@@ -316,6 +316,15 @@ def sft(
             help="--data: tokens per <information> block (match rollout.max_obs_tokens).",
         ),
     ] = SFTConfig.max_obs_tokens,
+    action_tag_weight: Annotated[
+        float | None,
+        typer.Option(
+            "--action-tag-weight",
+            help="Loss weight of the action tags' tokens (<search>, </search>, <answer>, "
+            f"</answer>); default {PolicyStage().sft.action_tag_weight:g} with --world, "
+            f"{SFTConfig.action_tag_weight:g} with --data.",
+        ),
+    ] = None,
     chat_template: Annotated[
         bool | None,
         typer.Option(
@@ -384,6 +393,9 @@ def sft(
             episodes=episodes, batch_size=batch_size, topk=topk, max_obs_tokens=max_obs_tokens,
             chat_template=chat_template, bf16=bf16, lora=lora, device=device, threads=threads,
             index=index, seed=seed,
+            action_tag_weight=(
+                SFTConfig.action_tag_weight if action_tag_weight is None else action_tag_weight
+            ),
         )  # fmt: skip
         return
     assert world_dir is not None
@@ -406,7 +418,15 @@ def sft(
         practice_worlds=practice_worlds,
         early_answer=early_answer,
         wrong_query=wrong_query,
-        sft=replace(defaults.sft, epochs=epochs, lr=lr, seed=seed),
+        sft=replace(
+            defaults.sft,
+            epochs=epochs,
+            lr=lr,
+            seed=seed,
+            action_tag_weight=(
+                defaults.sft.action_tag_weight if action_tag_weight is None else action_tag_weight
+            ),
+        ),
         seed=seed,
     )
     info = train_policy(loaded, retriever, settings, out)
@@ -436,6 +456,7 @@ def _wiki_sft(
     threads: int | None,
     index: Path | None,
     seed: int,
+    action_tag_weight: float,
 ) -> None:
     """`tspo sft --data`: the Wikipedia expert's episodes, then SFT of any causal LM."""
     import re
@@ -465,6 +486,7 @@ def _wiki_sft(
         batch_size=batch_size,
         lr=lr,
         max_obs_tokens=max_obs_tokens,
+        action_tag_weight=action_tag_weight,
         bf16=BF16_CHOICES[bf16.lower()],
         seed=seed,
     )

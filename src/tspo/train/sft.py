@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import random
+import re
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -17,8 +18,19 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tspo.errors import TSPOError
-from tspo.protocol import build_prompt, truncate_to_tokens, wrap_information
+from tspo.protocol import (
+    ANSWER_CLOSE,
+    ANSWER_OPEN,
+    PROTOCOL_TAGS,
+    SEARCH_CLOSE,
+    SEARCH_OPEN,
+    build_prompt,
+    truncate_to_tokens,
+    wrap_information,
+)
 from tspo.utils import atomic_directory
+
+ACTION_TAGS = (SEARCH_OPEN, SEARCH_CLOSE, ANSWER_OPEN, ANSWER_CLOSE)
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -39,6 +51,13 @@ class SFTConfig:
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     max_obs_tokens: int = 500  # same budget as the rollout's, so SFT sees what RL will see
+    # Loss weight of the tokens of the action tags (<search>, </search>, <answer>, </answer>);
+    # 1 = plain SFT. See action_tag_weights.
+    action_tag_weight: float = 1.0
+    # Start SFT by giving the protocol tags fresh, distinct embeddings
+    # (tspo.models.embeddings.resample_token_embeddings): for a base that never saw them as
+    # single tokens, as the shipped tiny base.
+    resample_tag_embeddings: bool = False
     use_chat_template: bool = False
     bf16: bool | str = "auto"  # bf16 autocast (fp32 weights); auto: CUDA or a CPU with native bf16
     seed: int = 0
@@ -46,10 +65,11 @@ class SFTConfig:
 
 @dataclass(frozen=True)
 class SFTExample:
-    """One tokenised episode: ids and a 0/1 mask marking the tokens the model generated."""
+    """One tokenised episode: ids and the loss weight of each token (0 off the tokens the model
+    generated; 1 on them, or more on up-weighted action tags)."""
 
     input_ids: list[int]
-    loss_mask: list[int]
+    loss_mask: list[float]
 
 
 def encode_episode(
@@ -60,8 +80,12 @@ def encode_episode(
     *,
     max_obs_tokens: int = 500,
     use_chat_template: bool = False,
+    action_tag_weight: float = 1.0,
 ) -> SFTExample:
-    """Tokenise one episode; ``observations[k]`` follows ``generated[k]`` (None: no search)."""
+    """Tokenise one episode; ``observations[k]`` follows ``generated[k]`` (None: no search).
+
+    Generated tokens get loss weight 1, those of an action tag ``action_tag_weight``
+    (:func:`action_tag_weights`); prompt and observations 0."""
     if len(generated) != len(observations):
         raise TSPOError(
             f"episode for {question!r}: {len(generated)} generations but "
@@ -69,17 +93,45 @@ def encode_episode(
         )
     prompt = build_prompt(question, tokenizer, use_chat_template=use_chat_template)
     ids = tokenizer.encode(prompt, add_special_tokens=False)
-    mask = [0] * len(ids)
+    mask = [0.0] * len(ids)
     for text, observation in zip(generated, observations, strict=True):
-        turn = tokenizer.encode(text, add_special_tokens=False)
+        turn, weights = action_tag_weights(tokenizer, text, action_tag_weight)
         ids += turn
-        mask += [1] * len(turn)
+        mask += weights
         if observation is not None:
             block = wrap_information(truncate_to_tokens(observation, tokenizer, max_obs_tokens))
             obs = tokenizer.encode(block, add_special_tokens=False)
             ids += obs
-            mask += [0] * len(obs)
+            mask += [0.0] * len(obs)
     return SFTExample(ids, mask)
+
+
+def action_tag_weights(tokenizer: Any, text: str, weight: float) -> tuple[list[int], list[float]]:
+    """(token ids of ``text``, loss weight of each): ``weight`` on every token that overlaps an
+    action tag (``<search>``, ``</search>``, ``<answer>``, ``</answer>``), 1 elsewhere.
+
+    Why: the closing tag must repeat the opening one a few tokens back, but in expert episodes it
+    is also predictable from the turn's content (a name read in a document is usually answered), so
+    a small policy learns that shortcut instead, writes ``<search> Gesto </answer>`` and loses the
+    turn. These few tokens carry little of a plain mean loss; up-weighting them makes SFT learn the
+    copy. The ids are exactly ``tokenizer.encode(text, add_special_tokens=False)``.
+    """
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    if weight == 1.0:
+        return ids, [1.0] * len(ids)
+    spans = [
+        (match.start(), match.end())
+        for tag in ACTION_TAGS
+        for match in re.finditer(re.escape(tag), text)
+    ]
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    if list(encoded["input_ids"]) != ids:
+        raise TSPOError("action_tag_weight needs a tokenizer whose offsets match its encode()")
+    weights = [
+        weight if any(start < end_tag and begin < end for begin, end_tag in spans) else 1.0
+        for start, end in encoded["offset_mapping"]
+    ]
+    return ids, weights
 
 
 def collate(examples: Sequence[SFTExample], pad_id: int) -> dict[str, Any]:
@@ -210,6 +262,17 @@ def train_sft(
     return losses
 
 
+def single_token_ids(tokenizer: Any, texts: Sequence[str]) -> list[int]:
+    """The id of each of ``texts``, each of which must be one token of ``tokenizer``."""
+    ids = []
+    for text in texts:
+        encoded = tokenizer.encode(text, add_special_tokens=False)
+        if len(encoded) != 1:
+            raise TSPOError(f"{text!r} is {len(encoded)} tokens of this tokenizer, not one")
+        ids += encoded
+    return ids
+
+
 def save_policy(
     model: Any, tokenizer: Any, out_dir: str | Path, *, info: dict[str, Any] | None = None
 ) -> Path:
@@ -277,6 +340,7 @@ def fine_tune_causal_lm(
     """
     import time
 
+    from tspo.models.embeddings import resample_token_embeddings
     from tspo.models.loading import load_policy
     from tspo.models.tiny import count_parameters
     from tspo.utils import apply_thread_policy, progress_bar, set_seed
@@ -288,6 +352,10 @@ def fine_tune_causal_lm(
     model_device = next(model.parameters()).device
     if model_device.type == "cpu":
         apply_thread_policy()
+    if config.resample_tag_embeddings:
+        resample_token_embeddings(
+            model, single_token_ids(tokenizer, PROTOCOL_TAGS), seed=config.seed
+        )
     if lora:
         model = _with_lora(model)
     examples = [
@@ -298,6 +366,7 @@ def fine_tune_causal_lm(
             episode.observations,
             max_obs_tokens=config.max_obs_tokens,
             use_chat_template=config.use_chat_template,
+            action_tag_weight=config.action_tag_weight,
         )
         for episode in episodes
     ]
@@ -327,6 +396,8 @@ def fine_tune_causal_lm(
         "epochs": config.epochs,
         "batch_size": config.batch_size,
         "lr": config.lr,
+        "action_tag_weight": config.action_tag_weight,
+        "resample_tag_embeddings": config.resample_tag_embeddings,
         "bf16": _bf16_used(model_device, config.bf16),
         "seed": config.seed,
         "steps": len(losses),
