@@ -73,7 +73,15 @@ items each:
 |---|---:|---:|
 {gate_rows}
 
-{_first_measurement(facts)}## Files
+{_first_measurement(facts)}## Tokens it never saw
+
+The protocol tags and the byte-level tokens that never occur in its data (392 of the 1,000,
+`<search>` and `<answer>` among them) all hold one and the same embedding: pre-training moved every
+unseen token the same way. Give the tags distinct embeddings before fine-tuning on the protocol, or
+the model cannot tell which tag it opened; `tspo sft --world` and the quickstart do
+(`tspo.models.embeddings.resample_token_embeddings`).
+
+## Files
 
 `model.safetensors` SHA-256: `{facts["sha256"]}`
 
