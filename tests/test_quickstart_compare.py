@@ -71,3 +71,22 @@ def test_miniature_compare_runs_end_to_end(tmp_path):
         console=console,
     )
     assert console.export_text().count("reusing") >= 5
+    # The report times the runs, not only the invocation that reused them.
+    assert record["result"]["seconds"] > 0
+    minutes = (
+        sum(
+            json.loads((tmp_path / f"runs/{name}-seed0/stage.json").read_text())["result"][
+                "seconds"
+            ]
+            for name in ("grpo", "tspo")
+        )
+        / 60
+    )
+    assert f"the runs themselves {minutes:.1f} min" in report.read_text()
+
+
+def test_run_minutes_says_how_many_runs_were_not_timed():
+    from tspo.quickstart.compare import run_minutes
+
+    assert run_minutes([{"seconds": 60.0}, {"seconds": 30.0}]) == "1.5 min"
+    assert run_minutes([{"seconds": 60.0}, {}]) == "1.0 min (1 of 2 runs not timed)"

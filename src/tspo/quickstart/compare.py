@@ -85,6 +85,7 @@ def _run_one(
     if run_dir.exists():
         shutil.rmtree(run_dir)
     console.print(f"  [bold]{estimator}[/bold], seed {seed}")
+    started = time.perf_counter()
     trained = train(rl_train_config(paths, rl, output_dir=run_dir, show_progress=False))
     final = evaluate_folder(
         Path(str(trained.last_checkpoint)),
@@ -103,6 +104,7 @@ def _run_one(
         "dev_em": [(int(v["step"]), float(v["em"])) for v in validation],
         "test_em_final": final.overall["em"],
         "test_answered_final": final.overall["answered"],
+        "seconds": time.perf_counter() - started,  # training and final evaluation
         **{key: [(int(m["step"]), float(m[key])) for m in metrics] for key in keys},
     }
     shutil.rmtree(run_dir / CHECKPOINT_DIR, ignore_errors=True)  # evaluated; weights not needed
@@ -191,6 +193,15 @@ def final_test_em(results: list[dict[str, Any]], estimator: str) -> tuple[float,
     return mean, (sum((v - mean) ** 2 for v in values) / len(values)) ** 0.5
 
 
+def run_minutes(results: list[dict[str, Any]]) -> str:
+    """The runs' summed wall time, e.g. ``75.3 min``; runs cached before it was recorded are
+    counted as unknown."""
+    known = [r["seconds"] for r in results if "seconds" in r]
+    text = f"{sum(known) / 60:.1f} min"
+    missing = len(results) - len(known)
+    return text if not missing else f"{text} ({missing} of {len(results)} runs not timed)"
+
+
 def summary_table(
     curves: dict[str, dict[str, Curve]], results: list[dict[str, Any]], baseline: str = "grpo"
 ) -> str:
@@ -258,8 +269,9 @@ def write_compare_report(
         summary_table(curves, results),
         *sections,
         f"RL: {rl.steps} steps x {rl.prompts_per_step} questions x group {rl.group_size}, lr "
-        f"{rl.lr}, KL {rl.kl_coef}, alpha {rl.alpha}, top-{rl.topk}, {rl.max_turns} turns. Took "
-        f"{seconds / 60:.1f} min on {machine.get('cpu_count')} CPUs.",
+        f"{rl.lr}, KL {rl.kl_coef}, alpha {rl.alpha}, top-{rl.topk}, {rl.max_turns} turns. This "
+        f"invocation took {seconds / 60:.1f} min on {machine.get('cpu_count')} CPUs; the runs "
+        f"themselves {run_minutes(results)} (training and final evaluation, summed).",
         "",
     ]
     atomic_write_text(paths.report, "\n".join(lines))
