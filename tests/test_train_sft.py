@@ -223,3 +223,21 @@ def test_sft_cli_saves_a_checkpoint_auto_classes_load(tmp_path):
     tokenizer = AutoTokenizer.from_pretrained(out)
     assert model.config.vocab_size >= len(tokenizer)
     assert tokenizer.convert_tokens_to_ids("<search>") != tokenizer.unk_token_id
+
+
+def test_tag_weights_need_a_tokenizer_with_offsets(tokenizer):
+    """Slow (Python) Hugging Face tokenizers raise NotImplementedError for offsets: one line."""
+    from tspo.errors import TSPOError
+
+    class SlowTokenizer:
+        def encode(self, text, add_special_tokens=False):
+            return tokenizer.encode(text, add_special_tokens=add_special_tokens)
+
+        def __call__(self, text, **kwargs):
+            raise NotImplementedError("return_offset_mapping is not available")
+
+    with pytest.raises(TSPOError, match="fast tokenizer"):
+        action_tag_weights(SlowTokenizer(), "<search> Gesto </search>", 5.0)
+    assert action_tag_weights(SlowTokenizer(), "<search> x </search>", 1.0)[1] == [1.0] * len(
+        tokenizer.encode("<search> x </search>", add_special_tokens=False)
+    )

@@ -113,8 +113,9 @@ def action_tag_weights(tokenizer: Any, text: str, weight: float) -> tuple[list[i
     Why: the closing tag must repeat the opening one a few tokens back, but in expert episodes it
     is also predictable from the turn's content (a name read in a document is usually answered), so
     a small policy learns that shortcut instead, writes ``<search> Gesto </answer>`` and loses the
-    turn. These few tokens carry little of a plain mean loss; up-weighting them makes SFT learn the
-    copy. The ids are exactly ``tokenizer.encode(text, add_special_tokens=False)``.
+    turn. These few tokens carry little of a plain mean loss; up-weighting them, together with
+    distinct tag embeddings (``SFTConfig.resample_tag_embeddings``), makes SFT learn the copy.
+    The ids are exactly ``tokenizer.encode(text, add_special_tokens=False)``.
     """
     ids = tokenizer.encode(text, add_special_tokens=False)
     if weight == 1.0:
@@ -124,7 +125,10 @@ def action_tag_weights(tokenizer: Any, text: str, weight: float) -> tuple[list[i
         for tag in ACTION_TAGS
         for match in re.finditer(re.escape(tag), text)
     ]
-    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    try:
+        encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    except NotImplementedError:  # a slow (Python) tokenizer has no offsets
+        raise TSPOError("action_tag_weight needs a fast tokenizer (with offsets)") from None
     if list(encoded["input_ids"]) != ids:
         raise TSPOError("action_tag_weight needs a tokenizer whose offsets match its encode()")
     weights = [
