@@ -51,3 +51,23 @@ def test_single_token_ids_rejects_a_tag_split_into_pieces():
     tokenizer = train_tokenizer(texts, vocab_size=300, protocol_tags=False)
     with pytest.raises(TSPOError, match="not one"):
         single_token_ids(tokenizer, ["<search>"])
+
+
+def test_a_vocabulary_without_enough_distinct_embeddings_is_a_clear_error():
+    from tspo.errors import TSPOError
+
+    class Collapsed(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = torch.nn.Embedding(20, 8)
+            with torch.no_grad():
+                self.embed.weight[:] = 1.0  # every token the same vector
+
+        def get_input_embeddings(self):
+            return self.embed
+
+    model = Collapsed()
+    before = model.embed.weight.detach().clone()
+    with pytest.raises(TSPOError, match="only 0 other tokens have distinct ones"):
+        resample_token_embeddings(model, [3, 4], seed=0)
+    assert torch.equal(model.embed.weight.detach(), before)  # nothing half-changed

@@ -178,14 +178,16 @@ def test_sft_starts_from_distinct_tag_embeddings_and_weights_the_tags(tmp_path, 
     policy closed `<search>` with `</answer>` on most later hops. The quickstart's SFT gives them
     distinct embeddings and up-weights the tags' tokens in the loss."""
     import torch
+    from transformers import AutoTokenizer
 
     import tspo.train.sft
+    from tspo.models.loading import resolve_model_path
     from tspo.protocol import PROTOCOL_TAGS
 
     seen = {}
 
     def recording_train(model, examples, config, **kwargs):
-        tokenizer = tspo.models.loading.load_policy("tspo-tiny-base", device="cpu")[1]
+        tokenizer = AutoTokenizer.from_pretrained(resolve_model_path("tspo-tiny-base"))
         ids = torch.tensor(tspo.train.sft.single_token_ids(tokenizer, PROTOCOL_TAGS))
         tags = model.get_input_embeddings().weight[ids].detach()
         unit = tags / tags.norm(dim=-1, keepdim=True)

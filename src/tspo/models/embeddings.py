@@ -7,6 +7,8 @@ from typing import Any
 
 import torch
 
+from tspo.errors import TSPOError
+
 COLLAPSED_COSINE = 0.99
 
 
@@ -37,7 +39,10 @@ def resample_token_embeddings(model: Any, token_ids: Sequence[int], *, seed: int
         others = cosine < COLLAPSED_COSINE
         others[ids] = False
         if int(others.sum()) <= weights.shape[1]:
-            raise ValueError("too few distinct embeddings to estimate a covariance from")
+            raise TSPOError(
+                f"cannot give {len(ids)} tokens fresh embeddings: only {int(others.sum())} other "
+                f"tokens have distinct ones, fewer than the {weights.shape[1]} dimensions"
+            )
         trained = weights[others]
         mean = trained.mean(dim=0)
         covariance = torch.cov(trained.T) + 1e-6 * torch.eye(trained.shape[1], dtype=torch.double)

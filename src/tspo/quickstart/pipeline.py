@@ -315,7 +315,7 @@ def rl_train_config(
     from tspo.data.world import split_file
     from tspo.train.config import config_from_dict
 
-    every = rl.checkpoint_every or (rl.eval_every if rl.eval_every else rl.steps)
+    every = rl.checkpoint_every or rl.eval_every or rl.steps
     raw: dict[str, dict[str, object]] = {
         "model": {"name": str(paths.sft), "device": "cpu"},
         "data": {"train_files": [str(paths.world / split_file("train"))]},
