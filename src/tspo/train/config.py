@@ -257,8 +257,9 @@ class TrainSection(_Section):
     ppo_epochs: int = Field(1, ge=1, description="Passes over the step's batch.")
     recompute_old_logprobs: bool = Field(
         True,
-        description="Recompute old log-probs with a forward pass instead of trusting the "
-        "sampler's (exact ratios of 1 on the first update).",
+        description="Recompute old log-probs under the current weights instead of trusting the "
+        "sampler's (exact ratios of 1 on the first update); with one optimizer step per batch "
+        "they come from the update's own forward pass.",
     )
     bf16: bool | Literal["auto"] = Field(
         "auto",

@@ -44,7 +44,7 @@ from tspo.train.guards import (
 from tspo.train.optim import build_optimizer, build_scheduler
 from tspo.train.run_log import RunLog, rollout_statistics, trajectory_samples
 from tspo.train.sampler import PromptSampler
-from tspo.train.update import UpdateSettings, ppo_update
+from tspo.train.update import UpdateSettings, old_from_update, ppo_update
 from tspo.utils import peak_memory_mb, progress_bar, set_seed
 
 CHECKPOINT_DIR = "checkpoints"
@@ -455,10 +455,18 @@ def run_step(run: _Run, step: int) -> tuple[dict[str, Any], list[dict[str, Any]]
     batch = UpdateBatch.from_rollout(rollout, advantages.float())
 
     # 3. Log-probs of the sampling policy (recomputed in a plain forward pass so the first ratio
-    #    is exactly 1) and of the frozen reference for the KL term.
+    #    is exactly 1; with one optimizer step per batch the update's own pass gives them) and of
+    #    the frozen reference for the KL term.
     micro = config.train.micro_batch_size
     temperature = config.rollout.temperature
-    if config.train.recompute_old_logprobs:
+    mini_batch_size = config.train.mini_batch_size or len(batch)
+    reuse_update_pass = old_from_update(
+        recompute=config.train.recompute_old_logprobs,
+        ppo_epochs=config.train.ppo_epochs,
+        mini_batch_size=mini_batch_size,
+        rows=len(batch),
+    )
+    if config.train.recompute_old_logprobs and not reuse_update_pass:
         batch.old_logprobs = batch_logprobs(
             policy.model, batch, micro_batch_size=micro, temperature=temperature, autocast=autocast
         )
@@ -481,11 +489,12 @@ def run_step(run: _Run, step: int) -> tuple[dict[str, Any], list[dict[str, Any]]
         batch,
         UpdateSettings(
             ppo_epochs=config.train.ppo_epochs,
-            mini_batch_size=config.train.mini_batch_size or len(batch),
+            mini_batch_size=mini_batch_size,
             micro_batch_size=micro,
             max_grad_norm=config.optim.max_grad_norm,
             temperature=temperature,
             algo=config.algo,
+            old_from_update=reuse_update_pass,
         ),
         generator=run.shuffle_generator,
         autocast=autocast,

@@ -29,6 +29,9 @@ class UpdateSettings:
     # (`packed_logprobs`); False runs the padded reference path (`response_logprobs`) in the
     # shuffled order, kept to measure and test the packed one against.
     packed: bool = True
+    # Take the old log-probs from the update's own forward pass (detached) instead of
+    # ``batch.old_logprobs``: exact when the batch gets one optimizer step (`old_from_update`).
+    old_from_update: bool = False
 
 
 @dataclass
@@ -64,6 +67,15 @@ def _loss_normaliser(batch: UpdateBatch, agg: str) -> torch.Tensor:
     per row with loss tokens for seq-mean-token-mean."""
     tokens = batch.loss_mask.bool().sum(dim=1).float()
     return tokens if agg == "token-mean" else (tokens > 0).float()
+
+
+def old_from_update(*, recompute: bool, ppo_epochs: int, mini_batch_size: int, rows: int) -> bool:
+    """Whether the update can take the old log-probs from its own forward pass: they are to be
+    recomputed under the current weights (``recompute``), and the ``rows`` trajectories get one
+    optimizer step (one epoch, one mini-batch), so no weight changes before any micro-batch's
+    forward pass. The ratio is then exactly 1, as with a separate pass, at one forward pass less.
+    """
+    return recompute and ppo_epochs == 1 and mini_batch_size >= rows
 
 
 def ppo_update(
@@ -112,9 +124,10 @@ def ppo_update(
                         entropy_grad=need_entropy_grad,
                         packed=settings.packed,
                     )
+                old = logprobs.detach() if settings.old_from_update else micro.old_logprobs
                 loss, metrics = policy_loss(
                     logprobs,
-                    micro.old_logprobs,
+                    old,
                     micro.ref_logprobs,
                     micro.advantages,
                     micro.loss_mask,
