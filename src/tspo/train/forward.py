@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 
 from tspo.rollout.batch import TokenBatch
 
@@ -125,11 +126,13 @@ def packed_logprobs(
     """`response_logprobs` of ``batch``'s responses, computed on left-aligned rows.
 
     The same (B, T) float32 log-probs (and entropies) as ``response_logprobs(model,
-    batch.input_ids, batch.attention_mask, T)`` on real response tokens, up to float rounding
-    (tested in ``tests/test_train_update.py``); values on padding columns are meaningless. The
-    rows run through the model without padding in front and without an attention mask (see
-    `left_aligned`); the output layer runs only from the earliest position that predicts a
-    response token, and the normaliser is gathered at the target tokens.
+    batch.input_ids, batch.attention_mask, T)`` on the tokens of ``batch.loss_mask``, up to float
+    rounding (tested in ``tests/test_train_update.py``); values on other columns (observations,
+    padding) are 0 for a plain-head model and meaningless otherwise. The rows run through the
+    model without padding in front and without an attention mask (see `left_aligned`). A
+    plain-head model (`plain_head`) projects only the hidden states of loss tokens onto the
+    vocabulary, in chunks (`head_logprobs`); another model's output layer runs from the earliest
+    position that predicts a response token, and the normaliser is gathered at the target tokens.
     """
     width_t = batch.response_ids.shape[1]
     if width_t == 0:
@@ -138,6 +141,23 @@ def packed_logprobs(
     ids, where = left_aligned(batch.input_ids, batch.attention_mask)
     # Column (in the new layout) of the logits that predict each response token.
     source = where[:, -width_t:] - 1
+    split = plain_head(model)
+    if split is not None:
+        decoder, head = split
+        hidden = decoder(input_ids=ids, use_cache=False)[0]  # (B, W, H)
+        rows, cols = batch.loss_mask.bool().nonzero(as_tuple=True)
+        picked_lp, picked_entropy = head_logprobs(
+            hidden[rows, source[rows, cols]],
+            batch.response_ids[rows, cols],
+            head,
+            temperature=temperature,
+            with_entropy=with_entropy,
+            entropy_grad=entropy_grad,
+        )
+        zeros = torch.zeros(batch.response_ids.shape, dtype=torch.float32, device=ids.device)
+        logprobs = zeros.index_put((rows, cols), picked_lp)
+        entropy = None if picked_entropy is None else zeros.index_put((rows, cols), picked_entropy)
+        return logprobs, entropy
     first = int(batch.prompt_mask.long().sum(dim=1).min()) - 1
     first = max(first, 0)
     keep = ids.shape[1] - first
@@ -159,6 +179,88 @@ def packed_logprobs(
         full = norm - (torch.softmax(src, dim=-1) * src).sum(dim=-1)
         entropy = full.gather(1, index)
     return logprobs, entropy
+
+
+# Architectures whose logits are exactly ``lm_head(last_hidden_state)`` (no soft-capping or
+# scaling): for them only the positions that matter need reach the output layer, which skips most
+# of the largest matrix product and the (B, L, V) logits tensor.
+PLAIN_HEAD_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
+
+# Positions x vocabulary of the float32 logits one chunk of `head_logprobs` holds at once (128 MiB):
+# ~680 generated tokens of SmolLM2 (49k vocabulary), so its preset's micro-batches (4 rows of at
+# most 128) need one chunk and no recomputation; 33k tokens of the tiny policy (1k).
+HEAD_CHUNK_ELEMENTS = 32 * 2**20
+
+
+def plain_head(model: torch.nn.Module) -> tuple[Any, Any] | None:
+    """(decoder, output layer) of a plain-head model (:data:`PLAIN_HEAD_MODEL_TYPES`, SmolLM2,
+    Qwen and the tiny policy among them; LoRA-wrapped too), or None for other architectures."""
+    config = getattr(model, "config", None)
+    decoder = getattr(model, "get_decoder", None)
+    head = getattr(model, "get_output_embeddings", None)
+    if getattr(config, "model_type", None) not in PLAIN_HEAD_MODEL_TYPES:
+        return None
+    if decoder is None or head is None or head() is None:
+        return None
+    return decoder(), head()
+
+
+def _head_chunk(
+    hidden: Tensor,
+    targets: Tensor,
+    head: Any,
+    temperature: float,
+    with_entropy: bool,
+    entropy_grad: bool,
+) -> tuple[Tensor, Tensor]:
+    logits = head(hidden).float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    normaliser = torch.logsumexp(logits, dim=-1)
+    logprobs = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - normaliser
+    if not with_entropy:
+        return logprobs, logprobs.new_zeros(())
+    source = logits if entropy_grad else logits.detach()
+    norm = normaliser if entropy_grad else normaliser.detach()
+    return logprobs, norm - (torch.softmax(source, dim=-1) * source).sum(dim=-1)
+
+
+def head_logprobs(
+    hidden: Tensor,
+    targets: Tensor,
+    head: Any,
+    *,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+    entropy_grad: bool = False,
+    chunk_elements: int = HEAD_CHUNK_ELEMENTS,
+) -> tuple[Tensor, Tensor | None]:
+    """Log-probs (and entropies) of ``targets`` under ``head``'s logits of ``hidden``, chunked.
+
+    ``hidden`` (N, H) final hidden states, ``targets`` (N,) the tokens they predict -> (N,) float32
+    log-probs with logits divided by ``temperature``, and (N,) entropies (detached unless
+    ``entropy_grad``). About ``chunk_elements`` logits exist at a time: with gradients each chunk
+    is recomputed in the backward pass instead of kept, so the (N, V) logits, their softmax and
+    their gradient are never all in memory, whatever N is.
+    """
+    if len(hidden) == 0:
+        empty = hidden.float().sum(dim=-1)  # (0,), still part of the graph
+        return empty, (empty if with_entropy else None)
+    rows = max(1, chunk_elements // head.weight.shape[0])
+    checkpointed = torch.is_grad_enabled() and hidden.requires_grad and len(hidden) > rows
+    logprob_parts, entropy_parts = [], []
+    for start in range(0, len(hidden), rows):
+        args = (hidden[start : start + rows], targets[start : start + rows], head, temperature)
+        if checkpointed:
+            logprobs, entropy = checkpoint(
+                _head_chunk, *args, with_entropy, entropy_grad, use_reentrant=False
+            )
+        else:
+            logprobs, entropy = _head_chunk(*args, with_entropy, entropy_grad)
+        logprob_parts.append(logprobs)
+        entropy_parts.append(entropy)
+    logprobs = torch.cat(logprob_parts)
+    return logprobs, (torch.cat(entropy_parts) if with_entropy else None)
 
 
 def micro_logprobs(

@@ -174,32 +174,28 @@ def masked_lm_loss(logits: Any, input_ids: Any, loss_mask: Any) -> Any:
     return (per_token * weights).sum() / weights.sum().clamp(min=1.0)
 
 
-# Architectures whose logits are exactly ``lm_head(last_hidden_state)`` (no soft-capping or
-# scaling): for them the loss projects only the hidden states of loss positions onto the
-# vocabulary, which skips most of the largest matrix product and the (B, L, V) logits tensor.
-PLAIN_HEAD_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3"})
-
-
 def model_loss(model: Any, batch: dict[str, Any]) -> Any:
     """:func:`masked_lm_loss` of ``model`` on a :func:`collate` batch.
 
-    For a plain-head architecture (:data:`PLAIN_HEAD_MODEL_TYPES`, SmolLM2 and Qwen among them)
+    For a plain-head architecture (:func:`tspo.train.forward.plain_head`: SmolLM2, Qwen)
     only the positions that predict a loss token reach the output layer: the same value (tested)
     at a fraction of the cost when, as in search episodes, most tokens are prompt and
     observations. Other models go through their full forward pass.
     """
     import torch.nn.functional as F
 
+    from tspo.train.forward import plain_head
+
     input_ids, weights_all = batch["input_ids"], batch["loss_mask"]
-    config = getattr(model, "config", None)
-    decoder = getattr(model, "get_decoder", None)
-    if getattr(config, "model_type", None) not in PLAIN_HEAD_MODEL_TYPES or decoder is None:
+    split = plain_head(model)
+    if split is None:
         logits = model(input_ids=input_ids, attention_mask=batch["attention_mask"]).logits
         return masked_lm_loss(logits, input_ids, weights_all)
-    hidden = decoder()(input_ids=input_ids, attention_mask=batch["attention_mask"])[0]
+    decoder, head = split
+    hidden = decoder(input_ids=input_ids, attention_mask=batch["attention_mask"])[0]
     weights = weights_all[:, 1:]
     chosen = weights > 0
-    logits = model.get_output_embeddings()(hidden[:, :-1][chosen])
+    logits = head(hidden[:, :-1][chosen])
     per_token = F.cross_entropy(logits.float(), input_ids[:, 1:][chosen], reduction="none")
     return (per_token * weights[chosen]).sum() / weights.sum().clamp(min=1.0)
 
