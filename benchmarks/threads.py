@@ -37,9 +37,9 @@ def worker(run: Path, task: str, threads: int | str | None) -> dict[str, float]:
     from tspo.train.loop import train
 
     if threads == "policy":
-        from tspo.utils import apply_cpu_policy
+        from tspo.utils import apply_thread_policy
 
-        apply_cpu_policy()
+        apply_thread_policy()
         threads = torch.get_num_threads()
     torch.set_num_threads(int(threads or torch.get_num_threads()))
     paths = RunPaths(run)

@@ -198,3 +198,13 @@ def test_bf16_auto_follows_the_hardware():
     assert isinstance(autocast_context(cpu, True), torch.autocast)
     auto = autocast_context(cpu, "auto")
     assert isinstance(auto, torch.autocast) == cpu_has_native_bf16()
+
+
+@pytest.mark.parametrize("release", [False, True])
+def test_release_freed_memory_sets_the_heap_policy_of_a_cpu_run(
+    world: TinyWorld, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, release: bool
+) -> None:
+    calls = []
+    monkeypatch.setattr("tspo.train.loop.limit_heap_retention", lambda: calls.append(1) or True)
+    train(tiny_config(world, tmp_path, "train.steps=1", f"train.release_freed_memory={release}"))
+    assert len(calls) == int(release)

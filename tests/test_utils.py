@@ -52,14 +52,14 @@ def test_requested_threads_survive_the_policy_applied_later(monkeypatch):
     evaluator applies the thread policy on loading the model."""
     import torch
 
-    from tspo.utils import THREADS_ENV, apply_cpu_policy, request_threads
+    from tspo.utils import THREADS_ENV, apply_thread_policy, request_threads
 
     monkeypatch.delenv(THREADS_ENV, raising=False)
     monkeypatch.setattr("tspo.utils._running_elsewhere", lambda: 0)
     before = torch.get_num_threads()
     try:
         request_threads(1)
-        assert apply_cpu_policy() == 1 == torch.get_num_threads()
+        assert apply_thread_policy() == 1 == torch.get_num_threads()
     finally:
         torch.set_num_threads(before)
         os.environ.pop(THREADS_ENV, None)

@@ -278,9 +278,9 @@ def run_eval(
     model, tokenizer = load_policy(model_path, dtype, device)
     model_device = next(model.parameters()).device
     if model_device.type == "cpu":
-        from tspo.utils import apply_cpu_policy
+        from tspo.utils import apply_thread_policy
 
-        apply_cpu_policy()
+        apply_thread_policy()
     files = load_eval_files(data_files, limit)
     examples = [example for _, group in files for example in group]
     rollout = rollout or RolloutConfig()

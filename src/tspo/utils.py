@@ -84,26 +84,25 @@ def choose_threads(requested: int | None = None) -> int:
 
 def request_threads(threads: int | None) -> None:
     """Make ``--threads`` the thread count for the rest of the command: every later
-    :func:`apply_cpu_policy` (the trainer's and evaluator's, on loading a model) uses it."""
+    :func:`apply_thread_policy` (the trainer's and evaluator's, on loading a model) uses it."""
     if threads is not None:
         choose_threads(threads)  # validates
         os.environ[THREADS_ENV] = str(threads)
 
 
-def apply_cpu_policy(requested: int | None = None) -> int:
-    """Set torch's CPU threads by :func:`choose_threads` and the allocator's policy
-    (:func:`limit_heap_retention`) for a run on the CPU; returns the number of threads set."""
+def apply_thread_policy(requested: int | None = None) -> int:
+    """Set torch's CPU threads by :func:`choose_threads`; returns the number set."""
     import torch
 
     threads = choose_threads(requested)
     torch.set_num_threads(threads)
-    limit_heap_retention()
     return threads
 
 
 # glibc's mallopt parameter and the size from which allocations get their own mapping. At 2 MiB,
-# peak RSS over a run of the SmolLM2 preset fell from 4.1 to 3.6 GiB at the same step time; 1 MiB
-# reached 3.4 GiB but made steps 15% slower (page faults of fresh mappings); 4 MiB changed nothing.
+# peak RSS over 6 steps of the SmolLM2 preset fell from 4.40 to 3.76 GiB, steps 8% slower; 1 MiB
+# reached 3.4 GiB but 15-20% slower (page faults of fresh mappings); 4 MiB changed nothing. The
+# quickstart's 0.9M policy, whose steps are many small passes, ran 57% slower: hence opt-in.
 M_MMAP_THRESHOLD = -3
 MMAP_THRESHOLD_BYTES = 2 * 2**20
 

@@ -399,10 +399,10 @@ def prepare_process(threads: int | None) -> None:
     silence transformers' per-file progress bars."""
     from transformers.utils import logging as hf_logging
 
-    from tspo.utils import apply_cpu_policy, request_threads
+    from tspo.utils import apply_thread_policy, request_threads
 
     request_threads(threads)  # the trainer applies the policy again when it loads the model
-    apply_cpu_policy()
+    apply_thread_policy()
     hf_logging.disable_progress_bar()
 
 

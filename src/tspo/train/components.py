@@ -101,9 +101,9 @@ def build_policy(
     )
     device = next(model.parameters()).device
     if device.type == "cpu":
-        from tspo.utils import apply_cpu_policy
+        from tspo.utils import apply_thread_policy
 
-        apply_cpu_policy()
+        apply_thread_policy()
 
     reference = None
     if config.lora.enabled:

@@ -45,7 +45,7 @@ from tspo.train.optim import build_optimizer, build_scheduler
 from tspo.train.run_log import RunLog, rollout_statistics, trajectory_samples
 from tspo.train.sampler import PromptSampler
 from tspo.train.update import UpdateSettings, old_from_update, ppo_update
-from tspo.utils import peak_memory_mb, progress_bar, set_seed
+from tspo.utils import limit_heap_retention, peak_memory_mb, progress_bar, set_seed
 
 CHECKPOINT_DIR = "checkpoints"
 
@@ -378,6 +378,8 @@ def _build_run(config: TrainConfig, resume_from: Path | None) -> tuple[_Run, int
         weights_from=resume_from,
         bf16=config.train.bf16,  # the reference's weights follow autocast (model.ref_dtype)
     )
+    if config.train.release_freed_memory and policy.device.type == "cpu":
+        limit_heap_retention()
     optimizer = build_optimizer(policy.model, config.optim)
     engine = RolloutEngine(
         policy.model,

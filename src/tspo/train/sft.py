@@ -343,7 +343,7 @@ def fine_tune_causal_lm(
     from tspo.models.embeddings import resample_token_embeddings
     from tspo.models.loading import load_policy
     from tspo.models.tiny import count_parameters
-    from tspo.utils import apply_cpu_policy, progress_bar, set_seed
+    from tspo.utils import apply_thread_policy, progress_bar, set_seed
 
     if not episodes:
         raise TSPOError("SFT needs at least one expert episode")
@@ -351,7 +351,7 @@ def fine_tune_causal_lm(
     model, tokenizer = load_policy(base, device=device)
     model_device = next(model.parameters()).device
     if model_device.type == "cpu":
-        apply_cpu_policy()
+        apply_thread_policy()
     if config.resample_tag_embeddings:
         resample_token_embeddings(
             model, single_token_ids(tokenizer, PROTOCOL_TAGS), seed=config.seed
