@@ -204,7 +204,10 @@ def test_bf16_auto_follows_the_hardware():
 def test_release_freed_memory_sets_the_heap_policy_of_a_cpu_run(
     world: TinyWorld, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, release: bool
 ) -> None:
-    calls = []
-    monkeypatch.setattr("tspo.train.loop.limit_heap_retention", lambda: calls.append(1) or True)
-    train(tiny_config(world, tmp_path, "train.steps=1", f"train.release_freed_memory={release}"))
-    assert len(calls) == int(release)
+    calls: list[str] = []
+    monkeypatch.setattr(
+        "tspo.train.loop.limit_heap_retention", lambda: calls.append("policy") or True
+    )
+    monkeypatch.setattr("tspo.train.loop.release_free_heap", lambda: calls.append("trim"))
+    train(tiny_config(world, tmp_path, "train.steps=2", f"train.release_freed_memory={release}"))
+    assert calls == (["policy", "trim", "trim"] if release else [])

@@ -126,4 +126,6 @@ def test_the_users_malloc_setting_wins(monkeypatch) -> None:
     from tspo.utils import limit_heap_retention
 
     monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")
+    monkeypatch.setenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "512")
     assert limit_heap_retention() is False
+    assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "512"

@@ -100,11 +100,12 @@ def apply_thread_policy(requested: int | None = None) -> int:
 
 
 # glibc's mallopt parameter and the size from which allocations get their own mapping. At 2 MiB,
-# peak RSS over 6 steps of the SmolLM2 preset fell from 4.40 to 3.76 GiB, steps 8% slower; 1 MiB
-# reached 3.4 GiB but 15-20% slower (page faults of fresh mappings); 4 MiB changed nothing. The
-# quickstart's 0.9M policy, whose steps are many small passes, ran 57% slower: hence opt-in.
+# peak RSS over 6 steps of the SmolLM2 preset fell from 4.40 to 3.76 GiB; 1 MiB reached 3.4 GiB
+# but 15-20% slower steps (page faults of fresh mappings); 4 MiB changed nothing. The quickstart's
+# 0.9M policy ran 57% slower: hence opt-in (train.release_freed_memory).
 M_MMAP_THRESHOLD = -3
 MMAP_THRESHOLD_BYTES = 2 * 2**20
+ONEDNN_CACHE_CAPACITY = 16
 
 
 def limit_heap_retention(threshold: int = MMAP_THRESHOLD_BYTES) -> bool:
@@ -117,6 +118,10 @@ def limit_heap_retention(threshold: int = MMAP_THRESHOLD_BYTES) -> bool:
     next step's peak came on top. Fixing the threshold keeps RSS near what is live. Only on Linux
     with glibc, and not when ``MALLOC_MMAP_THRESHOLD_`` is set (the user's choice wins).
     """
+    # oneDNN keeps a compiled kernel for each matrix shape it meets (1,024 by default), and RL
+    # meets new sequence lengths at every step: over 6 steps of the SmolLM2 preset, what the
+    # process held after each step grew 30 MB a step with the default and 17 MB with 16.
+    os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", str(ONEDNN_CACHE_CAPACITY))
     if sys.platform != "linux" or "MALLOC_MMAP_THRESHOLD_" in os.environ:
         return False
     try:
@@ -124,6 +129,16 @@ def limit_heap_retention(threshold: int = MMAP_THRESHOLD_BYTES) -> bool:
         return bool(libc.mallopt(M_MMAP_THRESHOLD, threshold))
     except (OSError, AttributeError):  # not glibc
         return False
+
+
+def release_free_heap() -> None:
+    """Give the heap's free pages back to the OS (glibc ``malloc_trim``); nothing elsewhere."""
+    if sys.platform != "linux":
+        return
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 def set_seed(seed: int) -> None:

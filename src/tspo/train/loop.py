@@ -45,7 +45,13 @@ from tspo.train.optim import build_optimizer, build_scheduler
 from tspo.train.run_log import RunLog, rollout_statistics, trajectory_samples
 from tspo.train.sampler import PromptSampler
 from tspo.train.update import UpdateSettings, old_from_update, ppo_update
-from tspo.utils import limit_heap_retention, peak_memory_mb, progress_bar, set_seed
+from tspo.utils import (
+    limit_heap_retention,
+    peak_memory_mb,
+    progress_bar,
+    release_free_heap,
+    set_seed,
+)
 
 CHECKPOINT_DIR = "checkpoints"
 
@@ -287,6 +293,8 @@ def train(config: TrainConfig) -> TrainResult:
             task = progress.add_task("training", total=config.train.steps, completed=start_step)
             for step in range(start_step + 1, config.train.steps + 1):
                 metrics, samples = run_step(run, step)
+                if config.train.release_freed_memory:
+                    release_free_heap()  # what the step freed, before the next step's peak
                 log.log_step(metrics, samples)
                 skipped.after_step(step, metrics, run.policy.model)
                 no_signal.after_step(step, metrics)
