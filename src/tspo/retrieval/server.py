@@ -603,8 +603,12 @@ def serve(
 def listen_socket(host: str, port: int) -> socket.socket:
     """A TCP socket bound to ``host:port``; a busy port or a bad address is one-line TSPOError."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family=family)
+    # proto IPPROTO_TCP, not 0: asyncio turns Nagle's algorithm off (TCP_NODELAY) only on
+    # connections whose socket says TCP. Without it every answer waited for the client's delayed
+    # ACK: 44 ms for /health, 48 ms for a 4 ms search over 1M passages.
+    sock = socket.socket(family=family, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     try:
         sock.bind((host, port))
     except OSError as err:
