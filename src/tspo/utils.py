@@ -108,37 +108,44 @@ MMAP_THRESHOLD_BYTES = 2 * 2**20
 ONEDNN_CACHE_CAPACITY = 16
 
 
+def _glibc() -> Any:
+    """The C library when it is glibc on Linux, else None."""
+    if sys.platform != "linux":
+        return None
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
+
+
 def limit_heap_retention(threshold: int = MMAP_THRESHOLD_BYTES) -> bool:
     """Serve allocations of at least ``threshold`` bytes from their own memory mappings, which go
-    back to the OS as soon as they are freed. Returns whether the policy was applied.
+    back to the OS as soon as they are freed, and keep oneDNN's kernel cache small. Returns
+    whether the allocator policy was applied.
 
     By default glibc raises that threshold to the size of each large block freed (up to 32 MiB), so
     after the first update of a run activations and weight casts of a few MiB come from the heap,
     where small long-lived allocations pin them: the process kept ~1 GiB it no longer used, and the
     next step's peak came on top. Fixing the threshold keeps RSS near what is live. Only on Linux
-    with glibc, and not when ``MALLOC_MMAP_THRESHOLD_`` is set (the user's choice wins).
+    with glibc, and not when ``MALLOC_MMAP_THRESHOLD_`` is set (the user's choice wins). Call it
+    before the first matrix product: oneDNN reads ``ONEDNN_PRIMITIVE_CACHE_CAPACITY`` then.
     """
     # oneDNN keeps a compiled kernel for each matrix shape it meets (1,024 by default), and RL
     # meets new sequence lengths at every step: over 6 steps of the SmolLM2 preset, what the
     # process held after each step grew 30 MB a step with the default and 17 MB with 16.
     os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", str(ONEDNN_CACHE_CAPACITY))
-    if sys.platform != "linux" or "MALLOC_MMAP_THRESHOLD_" in os.environ:
+    libc = _glibc()
+    if libc is None or "MALLOC_MMAP_THRESHOLD_" in os.environ:
         return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        return bool(libc.mallopt(M_MMAP_THRESHOLD, threshold))
-    except (OSError, AttributeError):  # not glibc
-        return False
+    return bool(libc.mallopt(M_MMAP_THRESHOLD, threshold))
 
 
 def release_free_heap() -> None:
     """Give the heap's free pages back to the OS (glibc ``malloc_trim``); nothing elsewhere."""
-    if sys.platform != "linux":
-        return
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
 
 
 def set_seed(seed: int) -> None:

@@ -84,18 +84,36 @@ def response_logprobs(
         logits_to_keep=response_length + 1,
         use_cache=False,
     )
-    logits = output.logits[:, :-1].float()
+    return token_logprobs(
+        output.logits[:, :-1],
+        input_ids[:, -response_length:],
+        temperature=temperature,
+        with_entropy=with_entropy,
+        entropy_grad=entropy_grad,
+    )
+
+
+def token_logprobs(
+    logits: Tensor,
+    targets: Tensor,
+    *,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+    entropy_grad: bool = False,
+) -> tuple[Tensor, Tensor | None]:
+    """(..., V) logits and (...) target ids -> (...) float32 log-probs of the targets under the
+    logits divided by ``temperature``, and (...) entropies of the same distributions (detached
+    unless ``entropy_grad``; None without ``with_entropy``)."""
+    logits = logits.float()
     if temperature != 1.0:
         logits = logits / temperature
-    targets = input_ids[:, -response_length:]
     normaliser = torch.logsumexp(logits, dim=-1)
     logprobs = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - normaliser
-    entropy = None
-    if with_entropy:
-        source = logits if entropy_grad else logits.detach()
-        norm = normaliser if entropy_grad else normaliser.detach()
-        entropy = norm - (torch.softmax(source, dim=-1) * source).sum(dim=-1)
-    return logprobs, entropy
+    if not with_entropy:
+        return logprobs, None
+    source = logits if entropy_grad else logits.detach()
+    norm = normaliser if entropy_grad else normaliser.detach()
+    return logprobs, norm - (torch.softmax(source, dim=-1) * source).sum(dim=-1)
 
 
 def left_aligned(input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor]:
@@ -213,16 +231,15 @@ def _head_chunk(
     with_entropy: bool,
     entropy_grad: bool,
 ) -> tuple[Tensor, Tensor]:
-    logits = head(hidden).float()
-    if temperature != 1.0:
-        logits = logits / temperature
-    normaliser = torch.logsumexp(logits, dim=-1)
-    logprobs = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - normaliser
-    if not with_entropy:
-        return logprobs, logprobs.new_zeros(())
-    source = logits if entropy_grad else logits.detach()
-    norm = normaliser if entropy_grad else normaliser.detach()
-    return logprobs, norm - (torch.softmax(source, dim=-1) * source).sum(dim=-1)
+    """`token_logprobs` of ``head(hidden)``; tensors only (what `checkpoint` may return)."""
+    logprobs, entropy = token_logprobs(
+        head(hidden),
+        targets,
+        temperature=temperature,
+        with_entropy=with_entropy,
+        entropy_grad=entropy_grad,
+    )
+    return logprobs, (logprobs.new_zeros(()) if entropy is None else entropy)
 
 
 def head_logprobs(

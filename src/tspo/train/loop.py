@@ -266,6 +266,7 @@ def train(config: TrainConfig) -> TrainResult:
     set_seed(config.train.seed)
 
     run, start_step = _build_run(config, resume_from)
+    releases_memory = _releases_memory(config, run.policy.device)
     run_header(run, output_dir, checkpoint_root)
     if resume_from is not None:
         say(f"resuming from step {start_step} (checkpoint {resume_from})")
@@ -293,7 +294,7 @@ def train(config: TrainConfig) -> TrainResult:
             task = progress.add_task("training", total=config.train.steps, completed=start_step)
             for step in range(start_step + 1, config.train.steps + 1):
                 metrics, samples = run_step(run, step)
-                if config.train.release_freed_memory:
+                if releases_memory:
                     release_free_heap()  # what the step freed, before the next step's peak
                 log.log_step(metrics, samples)
                 skipped.after_step(step, metrics, run.policy.model)
@@ -375,6 +376,11 @@ def validate(run: _Run, examples: list[Any], step: int) -> dict[str, Any]:
     }
 
 
+def _releases_memory(config: TrainConfig, device: torch.device) -> bool:
+    """``train.release_freed_memory`` applies to runs on the CPU (glibc's heap, oneDNN)."""
+    return config.train.release_freed_memory and device.type == "cpu"
+
+
 def _build_run(config: TrainConfig, resume_from: Path | None) -> tuple[_Run, int]:
     from tspo.rollout import RolloutEngine
 
@@ -386,7 +392,7 @@ def _build_run(config: TrainConfig, resume_from: Path | None) -> tuple[_Run, int
         weights_from=resume_from,
         bf16=config.train.bf16,  # the reference's weights follow autocast (model.ref_dtype)
     )
-    if config.train.release_freed_memory and policy.device.type == "cpu":
+    if _releases_memory(config, policy.device):
         limit_heap_retention()
     optimizer = build_optimizer(policy.model, config.optim)
     engine = RolloutEngine(
