@@ -95,7 +95,10 @@ bench: setup
 	$(BIN)/python benchmarks/retrieval_scale.py --sizes $(SCALE_SIZES)
 	$(BIN)/python benchmarks/overload.py
 	$(BIN)/python benchmarks/rollout.py
+	$(BIN)/python benchmarks/rollout.py --obs-tokens 128 --out docs/bench/rollout-obs128
+	$(BIN)/python benchmarks/rollout.py --dtype bfloat16 --out docs/bench/rollout-bf16
 	$(BIN)/python benchmarks/update.py
+	$(BIN)/python benchmarks/update.py --ragged --out docs/bench/update-ragged.json
 
 clean:
 	rm -rf $(VENV) $(VERL_VENV) runs .pytest_cache .ruff_cache .mypy_cache

@@ -23,6 +23,7 @@ method is timed `--repeats` times, interleaved, and the median is reported.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import sys
@@ -165,9 +166,17 @@ def run(args) -> dict:
         generator = torch.Generator().manual_seed(args.seed)
         return engine(kv_cache).generate(examples, args.group_size, generator=generator)
 
-    rollout(True, examples[:1])  # warm-up: kernels, allocator, stop-string table
-    batch = rollout(True)
-    reference = rollout(False)
+    def precision():
+        """bf16 autocast around every method with ``--autocast`` (as ``tspo train`` rolls out with
+        ``train.bf16``), else nothing."""
+        if args.autocast:
+            return torch.autocast(torch.device(args.device).type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    with precision():
+        rollout(True, examples[:1])  # warm-up: kernels, allocator, stop-string table
+        batch = rollout(True)
+        reference = rollout(False)
     new_tokens = int(batch.loss_mask.sum()) // rows
     prompt = batch.prompt_ids.to(args.device)
     prompt_mask = batch.prompt_mask.to(args.device)
@@ -198,7 +207,8 @@ def run(args) -> dict:
     }
     for _ in range(args.repeats):
         for name, (fn, count) in methods.items():
-            output, seconds, cpu, peak = timed(fn, args.device)
+            with precision():
+                output, seconds, cpu, peak = timed(fn, args.device)
             entry = results[name]
             entry["seconds_each"].append(seconds)
             entry["cpu_seconds_each"].append(cpu)
@@ -232,6 +242,7 @@ def run(args) -> dict:
             "vocab_size": model.config.vocab_size,
             "device": args.device,
             "dtype": args.dtype,
+            "bf16_autocast": args.autocast,
             "rows": rows,
             "group_size": args.group_size,
             "max_turns": args.max_turns,
@@ -285,7 +296,8 @@ def markdown(report: dict, command: str) -> str:
         f"of top-{setup['topk']} BM25 documents cut to {setup['obs_tokens']} tokens; mean "
         f"final sequence {setup['mean_prompt_plus_response_tokens']} tokens. Model: "
         f"`{setup['preset']}` preset, {setup['parameters'] / 1e6:.1f}M parameters (vocabulary "
-        f"{setup['vocab_size']}), random weights, {setup['dtype']} on {setup['device']}; "
+        f"{setup['vocab_size']}), random weights, {setup['dtype']}"
+        f"{' under bf16 autocast' if setup.get('bf16_autocast') else ''} on {setup['device']}; "
         f"{setup['sampling']}. Median of {setup['repeats']} interleaved timed runs per method, "
         "after one warm-up rollout.",
         "",
@@ -349,6 +361,9 @@ def main() -> None:
         help="model vocabulary, at least the tokenizer's (real checkpoints pad theirs too)",
     )
     parser.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
+    parser.add_argument(
+        "--autocast", action="store_true", help="bf16 autocast around every method (weights stay)"
+    )
     parser.add_argument("--batch", type=int, default=16, help="rollouts in the batch")
     parser.add_argument("--group-size", type=int, default=4, help="rollouts per question")
     parser.add_argument("--max-turns", type=int, default=3, help="searching turns")

@@ -150,7 +150,7 @@ def test_expert_states_its_goal_and_what_it_found(small_world, small_retriever):
 
     examples = qa_examples(small_world, "train")
     plain = run_expert(small_world, examples, small_retriever)
-    stated = run_expert(small_world, examples, small_retriever, state_goal=True)
+    stated = run_expert(small_world, examples, small_retriever, notes="goal")
     for with_goal, without in zip(stated, plain, strict=True):
         goal = f"Goal: {RELATION_KIND[with_goal.example.metadata['relations'][-1]]}."
         assert with_goal.final_answer == without.final_answer  # same searches, same reading
@@ -163,6 +163,42 @@ def test_expert_states_its_goal_and_what_it_found(small_world, small_retriever):
         last = with_goal.generated[-1]
         if with_goal.final_answer in with_goal.example.golds:  # stops when found == goal
             assert f"Found: {goal.removeprefix('Goal: ')}" in last
+
+
+def test_expert_plan_lists_the_kinds_left_to_find(small_world, small_retriever):
+    """``notes="plan"``: each think line ends with the kinds still to find; a hop read drops the
+    first, a completed chain is answered after ``Left: none.``, and the searches are the same."""
+    from tspo.data.expert import RELATION_KIND
+
+    examples = qa_examples(small_world, "train")
+    noise = ExpertNoise(early_answer=0.3, wrong_query=0.3)
+    plain = run_expert(small_world, examples, small_retriever, noise=noise, seed=2)
+    planned = run_expert(small_world, examples, small_retriever, noise=noise, seed=2, notes="plan")
+    completed = 0
+    for with_plan, without in zip(planned, plain, strict=True):
+        kinds = [RELATION_KIND[r] for r in with_plan.example.metadata["relations"]]
+        assert with_plan.observations == without.observations
+        assert with_plan.final_answer == without.final_answer
+        lefts = []
+        for text, old in zip(with_plan.generated, without.generated, strict=True):
+            match = re.search(r" ?Left: ([a-z, ]+)\. </think>", text)
+            assert match, text
+            stripped = re.sub(r" ?Left: [a-z, ]+\.", "", text).replace("<think> </think>\n", "")
+            assert stripped == old  # the notes are all that differs
+            lefts.append(match.group(1).split(", "))
+        assert lefts[0] == kinds  # before the first search: the whole chain
+        for before, after in zip(lefts[:-1], lefts[1:], strict=True):
+            assert after in (before, before[1:] or ["none"])  # a hop read pops one kind
+        if with_plan.generated[-1].endswith("</answer>") and lefts[-1] == ["none"]:
+            completed += 1
+            assert len([x for x in lefts if x != ["none"]]) >= len(kinds)
+    assert completed > len(planned) // 2
+
+
+def test_expert_refuses_unknown_notes(small_world, small_retriever):
+    examples = qa_examples(small_world, "train")[:1]
+    with pytest.raises(TSPOError, match="expert notes must be one of"):
+        run_expert(small_world, examples, small_retriever, notes="diary")
 
 
 def test_write_world_round_trips_through_the_real_readers(tmp_path):

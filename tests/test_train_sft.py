@@ -241,3 +241,22 @@ def test_tag_weights_need_a_tokenizer_with_offsets(tokenizer):
     assert action_tag_weights(SlowTokenizer(), "<search> x </search>", 1.0)[1] == [1.0] * len(
         tokenizer.encode("<search> x </search>", add_special_tokens=False)
     )
+
+
+def test_sft_cli_refuses_unknown_expert_notes_in_one_line(tmp_path, capsys):
+    from tspo.cli import main
+
+    world_dir, out = tmp_path / "world", tmp_path / "sft"
+    with pytest.raises(SystemExit) as stop:
+        main(["data", "world", "--size", "tiny", "--out", str(world_dir)])
+    assert stop.value.code == 0
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stop:
+        main(
+            ["sft", "--world", str(world_dir), "--out", str(out), "--practice-worlds", "0"]
+            + ["--expert-notes", "diary"]
+        )
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert err.strip() == "error: expert notes must be one of none, goal, plan, not 'diary'"
+    assert not (out / "model.safetensors").exists()

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 
 from tspo.data.qa import QAExample
 from tspo.data.world import RELATIONS, World, relation_pattern
+from tspo.errors import TSPOError
 from tspo.protocol import (
     ANSWER_CLOSE,
     ANSWER_OPEN,
@@ -69,12 +70,22 @@ class _Episode:
     current: str = ""  # the name whose document we need now
     pending_query: str = ""  # set before the episode's first search
     pending_think: str = ""
-    goal: str = ""  # the kind of thing the question asks for when the expert states it, else ""
+    notes: str = "none"  # one of EXPERT_NOTES
     done: bool = False
 
+    @property
+    def goal(self) -> str:
+        """The kind of thing the question asks for (the last relation's object)."""
+        return RELATION_KIND[self.relations[-1]]
+
     def think(self, text: str = "") -> str:
-        """``text`` as a think line: after ``Goal: <goal>.`` when the expert states its goal."""
-        return f"Goal: {self.goal}. {text}".rstrip() if self.goal else text
+        """``text`` as a think line, with the notes the expert keeps (see :func:`run_expert`)."""
+        if self.notes == "goal":
+            return f"Goal: {self.goal}. {text}".rstrip()
+        if self.notes == "plan":
+            left = ", ".join(RELATION_KIND[r] for r in self.relations[self.hop :]) or "none"
+            return f"{text} Left: {left}.".lstrip()
+        return text
 
 
 # What the object of each relation is, in the words a think line uses for it. ``capital`` stands
@@ -88,6 +99,9 @@ RELATION_KIND = {
     "located_in": "country",
     "capital": "capital",
 }
+
+# The notes a scripted expert keeps in its think lines (see run_expert).
+EXPERT_NOTES = ("none", "goal", "plan")
 
 
 def search_turn(think: str, query: str) -> str:
@@ -133,19 +147,28 @@ def run_expert(
     seed: int = 0,
     topk: int = 3,
     max_turns: int = 4,
-    state_goal: bool = False,
+    notes: str = "none",
 ) -> list[ExpertTrajectory]:
     """Play the expert on ``examples`` (world questions with ``metadata`` chains).
 
     Each round sends every unfinished episode's query to ``retriever`` in one call. An episode that
     has used ``max_turns`` searches answers with what it has.
 
-    With ``state_goal`` the expert keeps its goal in its notes: the first search gets the think line
-    ``Goal: country.`` (the kind of thing the question asks for, :data:`RELATION_KIND` of its last
-    relation), every later think line opens with it, and a fact read is followed by what it found
-    (``Gesto is ... Found: city.``). Whether to search again or answer is then a comparison of two
-    words of one line, instead of a question read hundreds of tokens earlier.
+    ``notes`` (one of :data:`EXPERT_NOTES`) is what the expert writes in its think lines besides
+    the fact it read:
+
+    - ``"none"``: nothing.
+    - ``"goal"``: the first search gets ``Goal: country.`` (the kind of thing the question asks
+      for, :data:`RELATION_KIND` of its last relation), every later think line opens with it, and a
+      fact read is followed by what it found (``Gesto is ... Found: city.``). Whether to search
+      again is then a comparison of two words of one line.
+    - ``"plan"``: every think line ends with the kinds still to find, in order: ``Left:
+      organisation, city, country.`` before the first search, then one fewer after each hop read,
+      down to ``Left: none.`` before the answer. Writing the list is copying the previous one
+      without its head, and whether to search again is read off the word before ``</think>``.
     """
+    if notes not in EXPERT_NOTES:
+        raise TSPOError(f"expert notes must be one of {', '.join(EXPERT_NOTES)}, not {notes!r}")
     rng = random.Random(f"tspo-expert-{seed}")
     twin_of = {
         e.name: (world.entities[e.twin].name if e.twin else None) for e in world.entities.values()
@@ -153,12 +176,11 @@ def run_expert(
     episodes = []
     for example in examples:
         chain = list(example.metadata["chain"])
-        episode = _Episode(ExpertTrajectory(example), chain, list(example.metadata["relations"]))
+        relations = list(example.metadata["relations"])
+        episode = _Episode(ExpertTrajectory(example), chain, relations, notes=notes)
         episode.current = chain[0]
         episode.pending_query = _choose_query(chain[0], twin_of, noise, rng)
-        if state_goal:
-            episode.goal = RELATION_KIND[episode.relations[-1]]
-            episode.pending_think = episode.think()
+        episode.pending_think = episode.think()
         episodes.append(episode)
 
     while active := [e for e in episodes if not e.done]:
@@ -196,9 +218,9 @@ def _advance(
         _finish(episode, episode.think(f"{title} has no such fact."), title or episode.current)
         return
     fact = RELATIONS[relation][2].format(subject=title, object=found)
-    found_kind = f" Found: {RELATION_KIND[relation]}." if episode.goal else ""
-    think = episode.think(fact + found_kind)
+    found_kind = f" Found: {RELATION_KIND[relation]}." if episode.notes == "goal" else ""
     episode.hop += 1
+    think = episode.think(fact + found_kind)
     last_hop = episode.hop == len(episode.relations)
     if last_hop or out_of_turns or rng.random() < noise.early_answer:
         _finish(episode, think, found)

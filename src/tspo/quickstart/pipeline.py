@@ -170,7 +170,7 @@ def expert_episodes(
         "noise": noise,
         "topk": rollout_topk,
         "max_turns": max_turns,
-        "state_goal": policy.state_goal,
+        "notes": policy.expert_notes,
     }
     train = qa_examples(world, "train")
     own = []

@@ -28,10 +28,12 @@ class PolicyStage:
     early_answer: float = 0.10
     wrong_query: float = 0.15
     recover: float = 0.5
-    # The expert notes what the question asks for and what each read found ("Goal: country. ...
-    # Found: city."): without it the policy's search-or-answer choice ignored the question
-    # (P(search) 0.47 for 1-, 2- and 3-hop alike) and it never completed a 2-hop chain when greedy.
-    state_goal: bool = True
+    # What the expert notes in its think lines (tspo.data.expert.EXPERT_NOTES). With no notes the
+    # policy's search-or-answer choice ignored the question (P(search) 0.47 for 1-, 2- and 3-hop
+    # alike). "plan" lists the kinds still to find ("Left: city, country."), so stopping is read
+    # off one word; "goal" ("Goal: country. ... Found: city.") left the policy answering the city
+    # on other worlds' 3-hop country chains (docs/results.md).
+    expert_notes: str = "plan"
     expert_passes: int = 1  # noisy expert episodes per training question
     # Extra worlds whose questions only feed SFT (see pipeline). With 5 and batches of 8 the SFT
     # start gained +0.11 to +0.19 test EM over 20 RL steps in three seeds; 9 worlds took twice

@@ -360,6 +360,14 @@ def sft(
         int,
         typer.Option("--practice-worlds", help="Extra worlds whose questions add SFT episodes."),
     ] = PolicyStage.practice_worlds,
+    expert_notes: Annotated[
+        str,
+        typer.Option(
+            "--expert-notes",
+            help="What the expert notes in its think lines: plan (kinds left to find), goal "
+            "(goal and kind found) or none.",
+        ),
+    ] = PolicyStage.expert_notes,
     base: Annotated[
         str | None,
         typer.Option(
@@ -416,6 +424,7 @@ def sft(
         defaults,
         base=base,
         practice_worlds=practice_worlds,
+        expert_notes=expert_notes,
         early_answer=early_answer,
         wrong_query=wrong_query,
         sft=replace(
