@@ -264,3 +264,20 @@ def test_quickstart_last_flag_keeps_the_last_rl_step(tmp_path, monkeypatch):
         result = CliRunner().invoke(app, ["quickstart", "--out", str(tmp_path / "q"), *flags])
         assert result.exit_code == 0, result.output
         assert seen.pop().rl.keep_best_dev is keep_best
+
+
+def test_after_rl_test_em_is_drawn_at_the_step_of_the_evaluated_policy(tmp_path, monkeypatch):
+    import tspo.quickstart.report_quickstart as report
+    from tspo.quickstart.pipeline import RunPaths
+
+    drawn = {}
+
+    def capture(metrics, keys, path, *, points=None, **_):
+        drawn[path.name] = points
+
+    monkeypatch.setattr(report, "plot_step_metrics", capture)
+    metrics = [{"step": step} for step in range(1, 26)]
+    report.write_plots(RunPaths(tmp_path), metrics, (0.35, 0.63), "tspo", final_step=20)
+    assert drawn[report.PLOTS["reward"]]["test EM (held-out entities)"] == ([0, 20], [0.35, 0.63])
+    report.write_plots(RunPaths(tmp_path), metrics, (0.35, 0.63), "tspo")  # --last: the last step
+    assert drawn[report.PLOTS["reward"]]["test EM (held-out entities)"] == ([0, 25], [0.35, 0.63])

@@ -30,9 +30,15 @@ def write_plots(
     test_em: tuple[float, float],
     estimator: str,
     validation: Sequence[Mapping[str, Any]] = (),
+    final_step: int | None = None,
 ) -> dict[str, str]:
-    """The three PNGs under ``paths.img``; returns their paths relative to the report."""
+    """The three PNGs under ``paths.img``; returns their paths relative to the report.
+
+    The "after" test EM is drawn at ``final_step`` (the step of the evaluated policy), else at the
+    last step."""
     last_step = int(metrics[-1]["step"]) if metrics else 0
+    if final_step is not None:
+        last_step = final_step
     points = {}
     if validation:
         points["dev EM (greedy)"] = (
@@ -86,7 +92,9 @@ def write_quickstart_report(
     settings = facts["settings"]
     rl, policy = settings.rl, facts["policy"]
     em_before, em_after = before["overall"]["em"], after["overall"]["em"]
-    plots = write_plots(paths, metrics, (em_before, em_after), rl.estimator, validation)
+    plots = write_plots(
+        paths, metrics, (em_before, em_after), rl.estimator, validation, facts.get("final_step")
+    )
     lines = [
         "# TSPO quickstart report",
         "",
