@@ -37,9 +37,10 @@ class PolicyStage:
     # on other worlds' 3-hop country chains (docs/results.md).
     expert_notes: str = "plan"
     expert_passes: int = 1  # noisy expert episodes per training question
-    # Extra worlds whose questions only feed SFT (see pipeline). With 5 and batches of 8 the SFT
-    # start gained +0.11 to +0.19 test EM over 20 RL steps in three seeds; 9 worlds took twice
-    # as long and RL gained +0.08 to +0.10 from that start (docs/results.md).
+    # Extra worlds whose questions only feed SFT (see pipeline). With the goal notes, 5 worlds and
+    # batches of 8 gave an SFT start that gained +0.11 to +0.19 test EM over 20 RL steps in three
+    # seeds; 9 took twice as long for +0.08 to +0.10. With the plan notes, 6 worlds and no episode
+    # of the real world gained +0.233 against +0.283 (docs/results.md).
     practice_worlds: int = 5
     # The base never saw the protocol tags and holds them as one vector: SFT gives them distinct
     # embeddings and weighs their tokens 5x, or the policy closes `<search>` with `</answer>` on
