@@ -14,7 +14,7 @@ ones. For each size this measures, each step in a child process so its peak RSS 
 - query latency p50/p99 with 1 and 32 concurrent single-query clients through a real
   ``tspo serve --mmap`` on a free loopback port (stopped afterwards).
 
-Targets (issue 11) on 2 cores at 1M passages: build <= 10 min, its peak RSS <= 8 GB, memory-
+Targets on 2 cores at 1M passages: build <= 10 min, its peak RSS <= 8 GB, memory-
 mapped load <= 5 s, p50 at 1 client <= 20 ms. The figures are extrapolated to the 21M-passage
 Wikipedia dump of Search-R1.
 
@@ -602,8 +602,8 @@ def markdown(report: dict[str, Any]) -> str:
         "BM25 (`tspo index build --kind bm25`, streaming build) over corpora generated from the "
         "bundled Wikipedia extracts (see `benchmarks/retrieval_scale.py`); latency through a real "
         "`tspo serve --mmap` with single-query clients, top-3. Each step ran in its own process "
-        "on a shared 2-core machine; the 1-minute load average is given next to each figure "
-        "(other jobs shared the cores, so absolute times are pessimistic).",
+        "on a 2-core machine; the 1-minute load average is given next to each figure (above "
+        "about 1, other jobs shared the cores and absolute times are pessimistic).",
         "",
         "| passages | build | build peak RSS | disk (arrays + docs) | load, mmap | load, "
         "read (RSS) | search in process p50 / p99 (p50 right after a mapped load) | "
@@ -640,7 +640,7 @@ def markdown(report: dict[str, Any]) -> str:
         ]
     largest = max(report["sizes"], key=lambda s: s["passages"])
     lines += [
-        f"Targets at {largest['passages']:,} passages (issue 11 sets them for 1,000,000):",
+        f"Targets at {largest['passages']:,} passages (they are set for 1,000,000):",
         "",
         "| measure | target | measured | |",
         "|---|---:|---:|---|",
