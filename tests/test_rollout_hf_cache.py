@@ -15,7 +15,7 @@ from tspo.errors import TSPOError
 from tspo.rollout import hf_cache
 from tspo.rollout.context import BufferedLayer, CachedContext, new_cache
 
-CHECKED = ("5.24.0",)  # the versions named in the adapter, repeated here on purpose
+CHECKED = ("5.24.0", "5.25.0")  # the versions named in the adapter, repeated here on purpose
 
 
 def test_the_installed_transformers_is_one_the_adapter_was_checked_against() -> None:

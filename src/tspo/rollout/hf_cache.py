@@ -31,7 +31,7 @@ from tspo.errors import TSPOError
 if TYPE_CHECKING:
     from transformers import PreTrainedConfig
 
-CHECKED_TRANSFORMERS = ("5.24.0",)
+CHECKED_TRANSFORMERS = ("5.24.0", "5.25.0")
 
 # transformers renamed ``past_key_values`` to ``cache`` during 5.x; use whichever this version has
 # (decided once from a stock model class, so wrapped models with ``**kwargs`` forwards work too).
