@@ -36,16 +36,15 @@ def write_plots(
 
     The "after" test EM is drawn at ``final_step`` (the step of the evaluated policy), else at the
     last step."""
-    last_step = int(metrics[-1]["step"]) if metrics else 0
-    if final_step is not None:
-        last_step = final_step
+    if final_step is None:
+        final_step = int(metrics[-1]["step"]) if metrics else 0
     points = {}
     if validation:
         points["dev EM (greedy)"] = (
             [int(v["step"]) for v in validation],
             [float(v["em"]) for v in validation],
         )
-    points["test EM (held-out entities)"] = ([0, last_step], list(test_em))
+    points["test EM (held-out entities)"] = ([0, final_step], list(test_em))
     plot_step_metrics(
         metrics,
         ["reward_mean", "f1_mean"],
