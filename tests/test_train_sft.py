@@ -201,6 +201,10 @@ def test_practice_worlds_share_no_question_entities_with_the_real_world(world):
         assert not names.intersection(episode.example.metadata["chain"])
     for episode in own + practice:
         assert episode.example.metadata["chain"][0] not in test_subjects
+        assert " Left: " in episode.generated[-1]  # the policy's notes reach the expert (plan)
+    none = PolicyStage(practice_worlds=0, expert_notes="none")
+    plain, _, _ = expert_episodes(world, retriever, none, rollout_topk=3, max_turns=4)
+    assert not any("Left:" in turn for episode in plain for turn in episode.generated)
 
 
 def test_sft_cli_saves_a_checkpoint_auto_classes_load(tmp_path):
